@@ -1,0 +1,1 @@
+"""Pipeline: the jobs that join the stages (train, evaluate, batch candidates) and the CLI."""

@@ -1,0 +1,288 @@
+"""The retrieval contract and the embedding retriever every model builds on.
+
+``retrieve(user_ids, k) -> (item_ids, scores)``: a scalar user id gives 1-D arrays of length ``k``; an
+array of ids gives 2-D ``(n, k)`` arrays. Ids are external ids; scores are higher-is-better; missing
+results are padded with id -1 and score -inf, as FAISS does. Users the model has never seen get the
+popularity fallback instead of an error.
+
+The model (factors or towers), its training and its serving are separate: a subclass only says how it
+learns item vectors and how it turns a user into a query vector; this class owns the FAISS index, the
+seen-item mask and the fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from data.dataset import Interactions, to_csr
+from data.errors import ArtifactError, DataValidationError, NotFittedError
+from data.io import atomic_path, file_checksums, library_versions, read_manifest, write_manifest
+from data.vocab import IdVocab
+from retrieval.index import IndexConfig, ItemIndex
+
+log = logging.getLogger(__name__)
+
+RETRIEVER_KIND = "retriever"
+TENSORS_FILE = "tensors.safetensors"
+INDEX_DIR = "index"
+
+
+def as_user_array(user_ids: Any) -> tuple[np.ndarray, bool]:
+    """``(ids, scalar)``: the ids as int64 1-D array and whether the caller passed a scalar."""
+    scalar = np.ndim(user_ids) == 0
+    values = np.atleast_1d(np.asarray(user_ids))
+    if values.ndim != 1:
+        raise DataValidationError(f"user_ids must be a scalar or a 1-D array, got shape {values.shape}")
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        try:
+            as_int = values.astype(np.int64)
+            if values.dtype.kind == "f" and not np.array_equal(as_int, values):
+                raise ValueError
+            values = as_int
+        except (TypeError, ValueError) as exc:
+            raise DataValidationError(
+                f"user_ids must be integer ids, got {values[:3].tolist()}; pass the dataset's user ids"
+            ) from exc
+    return values.astype(np.int64, copy=False), scalar
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise DataValidationError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+class Retriever(ABC):
+    """Abstract retrieval stage. See the module docstring for the contract."""
+
+    name: ClassVar[str] = "retriever"
+    users: IdVocab
+    items: IdVocab
+
+    @abstractmethod
+    def fit(self, data: Interactions, *, items: IdVocab | None = None) -> Retriever:
+        """Learn from ``data``; ``items`` fixes the catalogue (default: the items in ``data``)."""
+
+    @abstractmethod
+    def retrieve(
+        self,
+        user_ids: Any,
+        k: int,
+        *,
+        exclude_seen: bool = True,
+        allow: Any = None,
+        deny: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items per user; see the module docstring."""
+
+    @property
+    @abstractmethod
+    def history_fingerprint(self) -> str:
+        """Fingerprint of the events the retriever currently treats as users' histories."""
+
+
+class EmbeddingRetriever(Retriever):
+    """A retriever that scores items by the inner product of a user vector and item vectors.
+
+    Subclasses implement :meth:`_learn` (item vectors and stored user vectors from the user x item
+    matrix) and may override :meth:`user_vectors` (the two-tower model computes them from history).
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.user_factors: np.ndarray | None = None
+        self.item_factors: np.ndarray | None = None
+        self.popularity: np.ndarray | None = None
+        self.seen: sp.csr_matrix | None = None
+        self.index: ItemIndex | None = None
+        self._fallback: ItemIndex | None = None
+        self._fingerprint = ""
+
+    # ---- learning -------------------------------------------------------------------------------
+    @abstractmethod
+    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(user_factors, item_factors)`` for the binary user x item ``matrix``."""
+
+    def fit(self, data: Interactions, *, items: IdVocab | None = None) -> EmbeddingRetriever:
+        if len(data) == 0:
+            raise DataValidationError("fit: data has no events; pass a non-empty Interactions")
+        self.users = data.user_vocab()
+        self.items = items if items is not None else data.item_vocab()
+        matrix = to_csr(data.frame, self.users, self.items)
+        self.seen = matrix
+        self.popularity = np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32)
+        self._fingerprint = data.fingerprint()
+        user_factors, item_factors = self._learn(matrix)
+        self.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
+        self.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
+        self._build_indexes()
+        return self
+
+    def set_history(self, data: Interactions) -> EmbeddingRetriever:
+        """Replace the users' histories (seen-item masks) with ``data`` without retraining.
+
+        Used to score the test stage with the validation item in the history. Models whose query vector is
+        computed from the history (the two-tower) also update their sequences. Users not in the
+        vocabulary are ignored (they keep the cold-start fallback).
+        """
+        if self.index is None:
+            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before set_history()")
+        known = data.frame[data.frame["user_id"].isin(self.users.ids) & data.frame["item_id"].isin(self.items.ids)]
+        self.seen = to_csr(known, self.users, self.items)
+        self._fingerprint = data.fingerprint()
+        return self
+
+    def _build_indexes(self) -> None:
+        self.index = ItemIndex(self.index_config).build(self.item_factors, self.items)
+        self._fallback = ItemIndex(IndexConfig(factory="Flat", threads=self.index_config.threads)).build(
+            self.popularity[:, None], self.items
+        )
+
+    def reindex(self, config: IndexConfig) -> EmbeddingRetriever:
+        """Serve the same item vectors from another index (``"HNSW32"`` instead of ``"Flat"``, say)."""
+        if self.item_factors is None:
+            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before reindex()")
+        self.config = dataclasses.replace(self.config, index=config)
+        self._build_indexes()
+        return self
+
+    @property
+    def index_config(self) -> IndexConfig:
+        return getattr(self.config, "index", None) or IndexConfig()
+
+    @property
+    def history_fingerprint(self) -> str:
+        return self._fingerprint
+
+    # ---- serving --------------------------------------------------------------------------------
+    def user_vectors(self, user_rows: np.ndarray) -> np.ndarray:
+        """Query vectors for known user rows."""
+        return self.user_factors[user_rows]
+
+    def seen_rows(self, user_row: int) -> np.ndarray:
+        """Item rows the user has interacted with (excluded from their results)."""
+        return self.seen.indices[self.seen.indptr[user_row] : self.seen.indptr[user_row + 1]]
+
+    def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
+        if self.index is None:
+            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before retrieve()")
+        k = check_k(k)
+        ids, scalar = as_user_array(user_ids)
+        rows = self.users.rows(ids, missing="ignore")
+        out_ids = np.full((ids.size, k), -1, dtype=np.int64)
+        out_scores = np.full((ids.size, k), -np.inf, dtype=np.float32)
+        known = rows >= 0
+        if known.any():
+            known_rows = rows[known]
+            exclude = [self.seen_rows(r) for r in known_rows] if exclude_seen else None
+            got_ids, got_scores = self.index.search(
+                self.user_vectors(known_rows), k, exclude_rows=exclude, allow=allow, deny=deny
+            )
+            out_ids[known], out_scores[known] = got_ids, got_scores
+        if (~known).any():
+            log.debug("cold-start fallback for %d unknown users", int((~known).sum()))
+            got_ids, got_scores = self.popular(int((~known).sum()), k, allow=allow, deny=deny)
+            out_ids[~known], out_scores[~known] = got_ids, got_scores
+        if scalar:
+            return out_ids[0], out_scores[0]
+        return out_ids, out_scores
+
+    def popular(self, n: int, k: int, *, allow=None, deny=None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most popular items, repeated for ``n`` rows: the cold-start answer."""
+        queries = np.ones((max(n, 1), 1), dtype=np.float32)
+        got_ids, got_scores = self._fallback.search(queries, check_k(k), allow=allow, deny=deny)
+        return got_ids[:n], got_scores[:n]
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def _extra_tensors(self) -> dict[str, np.ndarray]:
+        """Subclass hook: more arrays to store in the tensors file."""
+        return {}
+
+    def _restore_extra(self, tensors: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+        """Subclass hook: restore what :meth:`_extra_tensors` saved."""
+
+    def save(self, folder: str | Path, *, metrics: dict[str, Any] | None = None) -> Path:
+        """Write the retriever to ``folder`` atomically: tensors, FAISS index and a manifest."""
+        from safetensors.numpy import save_file
+
+        if self.index is None:
+            raise NotFittedError(f"{type(self).__name__}: nothing to save; call fit() first")
+        folder = Path(folder)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            tensors = {
+                "user_factors": self.user_factors,
+                "item_factors": self.item_factors,
+                "popularity": self.popularity,
+                "seen_indptr": self.seen.indptr.astype(np.int64),
+                "seen_indices": self.seen.indices.astype(np.int64),
+                **self._extra_tensors(),
+            }
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+            self.index.save(tmp / INDEX_DIR)
+            write_manifest(tmp, {
+                "kind": RETRIEVER_KIND,
+                "model": self.name,
+                "config": self.config.to_dict(),
+                "users": self.users.to_json_dict(),
+                "items": self.items.to_json_dict(),
+                "history_fingerprint": self._fingerprint,
+                "dim": int(self.item_factors.shape[1]),
+                "metrics": metrics or {},
+                "versions": library_versions(),
+                "files": file_checksums(tmp, [TENSORS_FILE]),
+            })
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EmbeddingRetriever:
+        """Load a folder written by :meth:`save`; refuses one whose files or vocabularies do not match."""
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        manifest = read_manifest(folder, kind=RETRIEVER_KIND)
+        if manifest.get("model") != cls.name:
+            raise ArtifactError(
+                f"{folder}: holds a {manifest.get('model')!r} retriever, not {cls.name!r}; "
+                "use retrieval.load_retriever(folder) to load any kind"
+            )
+        config = cls.config_class().from_dict(manifest["config"])
+        model = cls(config)
+        model.users = IdVocab.from_json_dict(manifest["users"])
+        model.items = IdVocab.from_json_dict(manifest["items"])
+        tensors = load_file(str(folder / TENSORS_FILE))
+        model.user_factors = tensors["user_factors"]
+        model.item_factors = tensors["item_factors"]
+        model.popularity = tensors["popularity"]
+        n_users, n_items = len(model.users), len(model.items)
+        shapes_ok = (
+            model.item_factors.shape[0] == n_items
+            and model.popularity.shape == (n_items,)
+            and tensors["seen_indptr"].shape == (n_users + 1,)
+            and model.item_factors.shape[1] == manifest["dim"]
+        )
+        if not shapes_ok:
+            raise ArtifactError(f"{folder}: tensor shapes do not match the manifest's vocabularies")
+        model.seen = sp.csr_matrix(
+            (np.ones(tensors["seen_indices"].size, dtype=np.float32), tensors["seen_indices"],
+             tensors["seen_indptr"]),
+            shape=(n_users, n_items),
+        )
+        model._fingerprint = manifest["history_fingerprint"]
+        model._restore_extra(tensors, manifest)
+        model.index = ItemIndex.load(folder / INDEX_DIR, expected_items=model.items)
+        model._fallback = ItemIndex(IndexConfig(factory="Flat", threads=model.index_config.threads)).build(
+            model.popularity[:, None], model.items
+        )
+        return model
+
+    @classmethod
+    def config_class(cls) -> type:
+        raise NotImplementedError

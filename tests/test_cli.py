@@ -1,0 +1,71 @@
+"""The CLI end to end on ml-latest-small: train, evaluate, recommend, candidates; and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(ml_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    code = main(["train", "--model", "als", "--data-path", str(ml_path), "--artifacts", str(root)])
+    assert code == 0
+    return root
+
+
+def test_train_writes_a_versioned_artifact_with_manifest(trained, capsys):
+    version = (trained / "LATEST").read_text().strip()
+    folder = trained / version
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["kind"] == "shortlist_artifact" and manifest["model"] == "als"
+    assert manifest["data"]["stats"]["users"] == 610 and manifest["data"]["stats"]["items"] == 3650
+    assert len(manifest["data"]["fingerprint"]) == 16 and "numpy" in manifest["versions"]
+    test = manifest["metrics"]["test"]
+    assert test["NDCG@10"] > manifest["metrics"]["popularity_test"]["NDCG@10"]
+    assert len(manifest["metrics"]["validation"]["trials"]) == 12
+    assert not list(trained.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_evaluate_reproduces_the_saved_metrics(trained, ml_path, capsys):
+    assert main(["evaluate", "--artifacts", str(trained), "--data-path", str(ml_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(out[out.index("{"):])
+    saved = json.loads((trained / (trained / "LATEST").read_text().strip() / "manifest.json").read_text())
+    assert row["NDCG@10"] == pytest.approx(saved["metrics"]["test"]["NDCG@10"], abs=1e-9)
+
+
+def test_recommend_prints_titles_and_handles_unknown_users(trained, capsys):
+    assert main(["recommend", "--user", "1", "--k", "5", "--artifacts", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "personalised" in out and out.count("\n| ") >= 6 and "(19" in out  # titles carry years
+    assert main(["recommend", "--user", "987654", "--k", "3", "--artifacts", str(trained)]) == 0
+    assert "cold-start" in capsys.readouterr().out
+
+
+def test_candidates_writes_parquet_for_all_users(trained, tmp_path, capsys):
+    out = tmp_path / "c.parquet"
+    assert main(["candidates", "--out", str(out), "--k", "20", "--artifacts", str(trained)]) == 0
+    table = pd.read_parquet(out)
+    assert table["user_id"].nunique() == 610 and len(table) == 610 * 20
+    assert table.groupby("user_id")["rank"].apply(lambda r: list(r) == list(range(1, 21))).all()
+    assert "users/s" in capsys.readouterr().out
+
+
+def test_corrupted_artifact_refuses_with_a_clear_message(trained, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained / (trained / "LATEST").read_text().strip(), copy)
+    index_file = copy / "retriever" / "index" / "index.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:-16] + b"\0" * 16)
+    assert main(["recommend", "--user", "1", "--artifacts", str(copy)]) == 2
+    assert "checksum" in capsys.readouterr().err
+
+
+def test_missing_artifacts_say_how_to_fix(tmp_path, capsys):
+    assert main(["recommend", "--user", "1", "--artifacts", str(tmp_path)]) == 2
+    assert "shortlist train" in capsys.readouterr().err
