@@ -4,7 +4,9 @@
 
 In one run:
 1. Recall@{10,20,50,100,200}, NDCG@10 and MRR@10 (95% bootstrap intervals) on the test split for the
-   baselines popularity, ALS and BPR, each tuned on the validation split with a small seeded grid.
+   baselines popularity, ALS and BPR (each tuned on the validation split with a small seeded grid), the
+   two-tower model (early-stopped on validation) and the hybrid merge of two-tower + ALS + popularity
+   (fusion chosen on validation); training time, and the query tower's per-user latency p50/p99.
 2. FAISS Flat vs HNSW vs IVF, keyed by ``factory|search_params``: ANN Recall@100 against exact search and
    single-query p50/p99 latency, on the ALS item factors of ml-latest-small and on a synthetic catalogue
    large enough for ANN to matter.
@@ -28,7 +30,7 @@ from data.vocab import IdVocab
 from pipeline.batch import generate_candidates
 from pipeline.config import TrainConfig
 from pipeline.report import markdown_table
-from pipeline.train import GRIDS, base_config, load_dataset, prepare_split
+from pipeline.train import GRIDS, base_config, fit_for_test, load_dataset, prepare_split
 from retrieval.evaluate import evaluate_retriever
 from retrieval.index import IndexConfig, ItemIndex
 from retrieval.registry import make_retriever
@@ -55,6 +57,30 @@ def quality_rows(split, config: TrainConfig, models=("popularity", "als", "bpr")
         rows.append(round_row(report.row(name, fit_s=fit_s), 5))
         fitted[name] = model
     return rows, fitted
+
+
+def sequential_rows(split, config: TrainConfig) -> tuple[list[dict], Any]:
+    """Two-tower alone and the hybrid, fitted as ``shortlist train --model hybrid`` fits them."""
+    start = time.perf_counter()
+    hybrid, _, components = fit_for_test("hybrid", config, split)
+    total_s = time.perf_counter() - start
+    two_tower = components["two_tower"]
+    log = two_tower.training_log
+    latency = two_tower.query_latency_ms(n_users=300, seed=config.seed)
+    rows = []
+    for name, model in (("two_tower", two_tower), ("hybrid", hybrid)):
+        report = evaluate_retriever(model, split, "test", ks=KS, seed=config.seed)
+        extra: dict[str, Any] = {"fit_s": log.seconds} if name == "two_tower" else {"fit_s": total_s}
+        if name == "two_tower":
+            extra.update(p50_ms=latency["p50"], p99_ms=latency["p99"], epochs=log.epochs,
+                         best_epoch=log.best_epoch, events_per_s=log.events_per_s, device=log.device,
+                         history_len_mean=latency["history_len"])
+        else:
+            c = hybrid.config
+            extra.update(fusion={"method": c.method, "rrf_k": c.rrf_k, "weights": list(c.weights),
+                                 "components": list(components)})
+        rows.append(round_row(report.row(name, **extra), 5))
+    return rows, two_tower
 
 
 def ann_configs(n_items: int) -> list[IndexConfig]:
@@ -127,6 +153,13 @@ def run(data_path: str | None = None, ann_items: int = 200_000, seed: int = 0) -
     print("\n## Test quality (95% bootstrap intervals)\n")
     quality, fitted = quality_rows(split, config)
     print(markdown_table(quality, QUALITY_COLUMNS))
+
+    print("\n## Two-tower and hybrid (same split, same protocol)\n")
+    seq_rows, _ = sequential_rows(split, config)
+    quality += seq_rows
+    print(markdown_table(quality, QUALITY_COLUMNS + ["p50_ms", "p99_ms"]))
+    print("\n(fit_s: training time; the hybrid's covers the two-tower, the ALS grid and the fusion search. "
+          "p50/p99: the query tower's per-user latency, one user at a time.)")
 
     print("\n## FAISS: ANN Recall@100 vs exact and single-query latency\n")
     als = fitted["als"]

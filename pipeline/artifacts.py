@@ -30,7 +30,7 @@ from data.io import (
     read_manifest,
     write_manifest,
 )
-from retrieval.base import EmbeddingRetriever
+from retrieval.base import Retriever
 from retrieval.registry import load_retriever
 
 ARTIFACT_KIND = "shortlist_artifact"
@@ -52,7 +52,7 @@ class Artifact:
 
     folder: Path
     manifest: dict[str, Any]
-    retriever: EmbeddingRetriever
+    retriever: Retriever
     items: pd.DataFrame
 
     def titles(self, item_ids: Any) -> list[str]:
@@ -61,7 +61,7 @@ class Artifact:
 
 def save_artifact(
     root: str | Path,
-    retriever: EmbeddingRetriever,
+    retriever: Retriever,
     items: pd.DataFrame | None,
     *,
     config: dict[str, Any],
@@ -77,7 +77,7 @@ def save_artifact(
         raise ArtifactError(f"{folder} already exists; pass another version name")
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        retriever.save(tmp / RETRIEVER_DIR, metrics=metrics)
+        retriever.save(tmp / RETRIEVER_DIR)
         table = items if items is not None else pd.DataFrame({"item_id": retriever.items.ids})
         table = table[table["item_id"].isin(retriever.items.ids)].reset_index(drop=True)
         table.to_parquet(tmp / ITEMS_FILE, index=False)

@@ -1,6 +1,6 @@
 """``shortlist`` command line: a thin shell over the job functions.
 
-    shortlist train      [--model als|bpr|popularity] [--dataset ml-latest-small] [--data-path DIR]
+    shortlist train      [--model hybrid|two_tower|als|bpr|popularity] [--dataset ml-latest-small] [--data-path DIR]
     shortlist evaluate   [--artifacts artifacts]
     shortlist recommend  --user ID [--k 10]
     shortlist candidates --out FILE.parquet [--k 100]
@@ -36,13 +36,14 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config)
     print("\n## Dataset after the protocol's filters\n")
     print(markdown_table([result.split_stats], ["users", "items", "interactions", "train", "val", "test"]))
-    if result.tuning is not None:
-        names = [k for k in result.tuning.trials[0] if "@" not in k]
-        print(f"\n## Validation grid ({len(result.tuning.trials)} points, best {result.tuning.metric} "
-              f"{result.tuning.best_value:.4f})\n")
-        print(markdown_table(result.tuning.trials, [*names, "Recall@10", "NDCG@10", "Recall@50"]))
+    for name, tuning in result.tuning.items():
+        if tuning.get("trials") and "best_config" in tuning:
+            names = [k for k in tuning["trials"][0] if "@" not in k]
+            print(f"\n## {name}: validation grid ({len(tuning['trials'])} points, best {tuning['metric']} "
+                  f"{tuning['best']:.4f})\n")
+            print(markdown_table(tuning["trials"], [*names, "Recall@10", "NDCG@10", "Recall@50"]))
     print("\n## Test metrics (95% bootstrap intervals)\n")
-    rows = [result.report.row(config.model), result.baseline.row("popularity")]
+    rows = [result.report.row(config.model)] + [r.row(n) for n, r in result.baselines.items()]
     print(markdown_table(rows, METRIC_COLUMNS))
     print(f"\nSaved {result.folder} in {result.seconds:.1f} s")
     return 0
@@ -71,7 +72,8 @@ def _recommend(args: argparse.Namespace) -> int:
     keep = ids != -1
     rows = [
         {"rank": r + 1, "item_id": int(i), "score": float(s), "title": t,
-         "genres": str(artifact.items["genres"].get(int(i), "")) if "genres" in artifact.items else ""}
+         "genres": str(artifact.items["genres"].get(int(i), "")).replace("|", ", ") if "genres" in artifact.items
+         else ""}
         for r, (i, s, t) in enumerate(zip(ids[keep], scores[keep], artifact.titles(ids[keep])))
     ]
     how = "personalised" if known else "unknown user: cold-start popularity fallback"
@@ -101,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="artifact root (uses its LATEST version) or a version folder (default: artifacts)")
 
     p = sub.add_parser("train", help="tune, fit, evaluate and save a retriever")
-    p.add_argument("--model", default="als", choices=["als", "bpr", "popularity"])
+    p.add_argument("--model", default="hybrid", choices=["hybrid", "two_tower", "als", "bpr", "popularity"],
+                   help="retriever to train (default: hybrid = two-tower + ALS + popularity)")
     p.add_argument("--dataset", default="ml-latest-small", help="MovieLens name (default: ml-latest-small)")
     p.add_argument("--data-path", default=None, help="folder with the dataset files (else SHORTLIST_DATA_DIR)")
     p.add_argument("--no-tune", action="store_true", help="skip the validation grid search")

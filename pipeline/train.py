@@ -13,15 +13,18 @@ from data.metrics import MetricReport
 from data.protocol import Split, apply_filters, leave_one_out
 from pipeline.artifacts import save_artifact
 from pipeline.config import TrainConfig
+from retrieval.base import Retriever
 from retrieval.cf import ALSConfig, BPRConfig
 from retrieval.evaluate import evaluate_retriever
+from retrieval.hybrid import HybridRetriever
 from retrieval.popularity import PopularityConfig
 from retrieval.registry import make_retriever
-from retrieval.tuning import TuningResult, grid_search
+from retrieval.tuning import grid_search
+from retrieval.two_tower import TwoTowerRetriever
 
 log = logging.getLogger(__name__)
 
-#: Small validation grids, one per model (every other field keeps its default and the fixed seed).
+#: Small validation grids of the CF models (every other field keeps its default and the fixed seed).
 GRIDS: dict[str, dict[str, list[Any]]] = {
     "popularity": {},
     "als": {"factors": [32, 64, 128], "regularization": [0.01, 0.1], "alpha": [1.0, 5.0]},
@@ -30,9 +33,11 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
 
 
 def base_config(model: str, config: TrainConfig) -> Any:
-    """The model's default config with the job's seed, threads and index."""
+    """The model's config with the job's seed, threads and index."""
     if model == "popularity":
         return PopularityConfig(index=config.index)
+    if model == "two_tower":
+        return dataclasses.replace(config.two_tower, index=config.index)
     cls = {"als": ALSConfig, "bpr": BPRConfig}[model]
     return cls(seed=config.seed, threads=config.threads, index=config.index)
 
@@ -50,6 +55,62 @@ def prepare_split(data: Interactions, config: TrainConfig | None = None) -> Spli
     return leave_one_out(apply_filters(data, config.protocol))
 
 
+def fit_on_validation(model: str, config: TrainConfig, split: Split, *, progress: bool = True
+                      ) -> tuple[Retriever, dict[str, Any]]:
+    """A model fitted on ``split.history("val")`` (tuned on validation where it has a grid).
+
+    Returns the model and what the tuning found (``{}`` when nothing was tuned).
+    """
+    model_config = base_config(model, config)
+    history = split.history("val")
+    if model == "two_tower":
+        return TwoTowerRetriever(model_config).fit(history, items=split.items, validation=split), {}
+    tuning: dict[str, Any] = {}
+    if config.tune and GRIDS[model]:
+        result = grid_search(lambda c: make_retriever(model, c), model_config, GRIDS[model], split,
+                             progress=progress)
+        model_config = result.best_config
+        tuning = {"metric": result.metric, "best": result.best_value, "trials": result.trials,
+                  "best_config": dataclasses.asdict(model_config)}
+    return make_retriever(model, model_config).fit(history, items=split.items), tuning
+
+
+def fit_for_test(model: str, config: TrainConfig, split: Split, *, progress: bool = True
+                 ) -> tuple[Retriever, dict[str, Any], dict[str, Retriever]]:
+    """A model ready to score the test stage: ``(model, tuning, components)``.
+
+    ``tuning`` maps each tuned model's name to its validation search.
+
+    * CF models are tuned on validation, then refitted with the best config on train + validation.
+    * The two-tower trains on train (early stopping on validation) and then takes train + validation as
+      its users' histories, without retraining: the query tower reads the history at request time.
+    * The hybrid fits its components on train (two-tower, tuned ALS, popularity), tunes the fusion on
+      validation, then moves every component to the train + validation history (ALS keeps its factors;
+      the validation item joins its seen-item mask).
+    """
+    test_history = split.history("test")
+    if model == "hybrid":
+        components: dict[str, Retriever] = {}
+        tuning: dict[str, Any] = {}
+        for name in ("two_tower", "als", "popularity"):
+            components[name], tuning[name] = fit_on_validation(name, config, split, progress=progress)
+        hybrid = HybridRetriever(components, config.hybrid)
+        if config.tune:
+            hybrid.tune(split)
+            tuning["hybrid"] = {k: v for k, v in (hybrid.tuning or {}).items()}
+        hybrid.set_history(test_history)
+        return hybrid, tuning, components
+    if model == "two_tower":
+        two_tower, _ = fit_on_validation(model, config, split, progress=progress)
+        return two_tower.set_history(test_history), {}, {}
+    _, tuning = fit_on_validation(model, config, split, progress=progress) if config.tune else (None, {})
+    model_config = base_config(model, config)
+    if tuning:
+        model_config = type(model_config).from_dict(tuning["best_config"])
+    refitted = make_retriever(model, model_config).fit(test_history, items=split.items)
+    return refitted, ({model: tuning} if tuning else {}), {}
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` produced.
@@ -57,27 +118,27 @@ class TrainResult:
     Attributes:
         folder: the artifact version folder.
         report: test metrics of the saved model.
-        baseline: test metrics of the popularity baseline on the same split.
-        tuning: the grid search (``None`` when tuning was off).
+        baselines: test metrics of the other retrievers on the same split (the hybrid's components, or
+            the popularity baseline), by name.
+        tuning: what validation tuning chose, per model.
         split_stats: dataset statistics after filtering.
         seconds: wall time of the job.
     """
 
     folder: Any
     report: MetricReport
-    baseline: MetricReport
-    tuning: TuningResult | None
+    baselines: dict[str, MetricReport]
+    tuning: dict[str, Any]
     split_stats: dict[str, Any]
     seconds: float
 
 
 def train(config: TrainConfig | None = None, *, data: Interactions | None = None,
           progress: bool = True) -> TrainResult:
-    """Run the main job and return where the artifact went and its metrics.
+    """Run the main job and return where the artifact went and its metrics (see :func:`fit_for_test`).
 
-    The model is tuned on the validation split (fitted on train, scored on the validation item), refitted
-    with the best config on train + validation, and scored on the test item. The saved artifact is that
-    refitted model; its manifest holds the config, the data fingerprint and the test metrics.
+    The saved artifact is the model that was scored; its manifest holds the config, the data fingerprint,
+    what validation chose and the test metrics.
     """
     config = config or TrainConfig()
     started = time.perf_counter()
@@ -86,29 +147,24 @@ def train(config: TrainConfig | None = None, *, data: Interactions | None = None
     stats = split.stats()
     log.info("dataset after filtering: %s", stats)
 
-    model_config = base_config(config.model, config)
-    tuning = None
-    if config.tune and GRIDS[config.model]:
-        tuning = grid_search(lambda c: make_retriever(config.model, c), model_config, GRIDS[config.model],
-                             split, progress=progress)
-        model_config = tuning.best_config
-    history = split.history("test")
-    model = make_retriever(config.model, model_config).fit(history, items=split.items)
+    model, tuning, components = fit_for_test(config.model, config, split, progress=progress)
     report = evaluate_retriever(model, split, "test", ks=config.ks, seed=config.seed)
-    popularity = make_retriever("popularity", PopularityConfig()).fit(history, items=split.items)
-    baseline = evaluate_retriever(popularity, split, "test", ks=config.ks, seed=config.seed)
+    if not components:
+        components = {"popularity": make_retriever("popularity").fit(split.history("test"), items=split.items)}
+    baselines = {name: evaluate_retriever(c, split, "test", ks=config.ks, seed=config.seed)
+                 for name, c in components.items()}
 
-    metrics = {"test": report.row(config.model), "popularity_test": baseline.row("popularity")}
-    if tuning is not None:
-        metrics["validation"] = {"best": tuning.best_value, "metric": tuning.metric, "trials": tuning.trials}
+    metrics = {"test": report.row(config.model),
+               "baselines_test": {name: r.row(name) for name, r in baselines.items()},
+               "validation": tuning}
     folder = save_artifact(
         config.artifacts,
         model,
         raw.items,
-        config={"train": config.to_dict(), "model": dataclasses.asdict(model_config)},
-        data={"name": raw.name, "fingerprint": raw.fingerprint(), "history_fingerprint":
-              history.fingerprint(), "stats": stats},
+        config={"train": config.to_dict()},
+        data={"name": raw.name, "fingerprint": raw.fingerprint(),
+              "history_fingerprint": split.history("test").fingerprint(), "stats": stats},
         metrics=metrics,
     )
-    return TrainResult(folder=folder, report=report, baseline=baseline, tuning=tuning, split_stats=stats,
+    return TrainResult(folder=folder, report=report, baselines=baselines, tuning=tuning, split_stats=stats,
                        seconds=time.perf_counter() - started)

@@ -95,8 +95,11 @@ class EmbeddingRetriever(Retriever):
     matrix) and may override :meth:`user_vectors` (the two-tower model computes them from history).
     """
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    #: The subclass's typed config class (its default instance is used when no config is given).
+    config_type: ClassVar[type]
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_type()
         self.user_factors: np.ndarray | None = None
         self.item_factors: np.ndarray | None = None
         self.popularity: np.ndarray | None = None
@@ -285,4 +288,4 @@ class EmbeddingRetriever(Retriever):
 
     @classmethod
     def config_class(cls) -> type:
-        raise NotImplementedError
+        return cls.config_type

@@ -78,63 +78,48 @@ class BPRConfig(JsonConfig):
         require(self.threads >= 1, "threads must be >= 1")
 
 
-def _fit_implicit(build, matrix: sp.csr_matrix, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Build and fit an implicit model with BLAS pinned to one thread (implicit's advice); return factors."""
-    from threadpoolctl import threadpool_limits
+class ImplicitRetriever(EmbeddingRetriever):
+    """Factors learned by an ``implicit`` model; subclasses say which model in :meth:`_build_model`."""
 
-    with threadpool_limits(1, "blas"):
-        model = build()
-        model.fit(matrix, show_progress=show_progress)
-    return np.asarray(model.user_factors), np.asarray(model.item_factors)
+    def _build_model(self):
+        raise NotImplementedError
+
+    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, "blas"):  # implicit's own advice: its threads, not BLAS's
+            model = self._build_model()
+            model.fit(matrix, show_progress=self.config.show_progress)
+        return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
-class ALSRetriever(EmbeddingRetriever):
+class ALSRetriever(ImplicitRetriever):
     """Implicit ALS factors behind the FAISS index."""
 
     name = "als"
+    config_type = ALSConfig
 
-    def __init__(self, config: ALSConfig | None = None) -> None:
-        super().__init__(config or ALSConfig())
-
-    @classmethod
-    def config_class(cls) -> type:
-        return ALSConfig
-
-    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    def _build_model(self):
         from implicit.cpu.als import AlternatingLeastSquares
 
         c = self.config
-        return _fit_implicit(
-            lambda: AlternatingLeastSquares(
-                factors=c.factors, regularization=c.regularization, alpha=c.alpha, iterations=c.iterations,
-                calculate_training_loss=False, num_threads=c.threads, random_state=c.seed,
-            ),
-            matrix,
-            c.show_progress,
+        return AlternatingLeastSquares(
+            factors=c.factors, regularization=c.regularization, alpha=c.alpha, iterations=c.iterations,
+            calculate_training_loss=False, num_threads=c.threads, random_state=c.seed,
         )
 
 
-class BPRRetriever(EmbeddingRetriever):
+class BPRRetriever(ImplicitRetriever):
     """Implicit BPR factors (with the item-bias column) behind the FAISS index."""
 
     name = "bpr"
+    config_type = BPRConfig
 
-    def __init__(self, config: BPRConfig | None = None) -> None:
-        super().__init__(config or BPRConfig())
-
-    @classmethod
-    def config_class(cls) -> type:
-        return BPRConfig
-
-    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    def _build_model(self):
         from implicit.cpu.bpr import BayesianPersonalizedRanking
 
         c = self.config
-        return _fit_implicit(
-            lambda: BayesianPersonalizedRanking(
-                factors=c.factors, learning_rate=c.learning_rate, regularization=c.regularization,
-                iterations=c.iterations, num_threads=c.threads, random_state=c.seed,
-            ),
-            matrix,
-            c.show_progress,
+        return BayesianPersonalizedRanking(
+            factors=c.factors, learning_rate=c.learning_rate, regularization=c.regularization,
+            iterations=c.iterations, num_threads=c.threads, random_state=c.seed,
         )

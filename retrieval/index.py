@@ -22,9 +22,10 @@ Search semantics, whatever the factory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,10 @@ class IndexConfig(JsonConfig):
             ``nprobe=1``).
         metric: ``"ip"`` (inner product) or ``"l2"`` (squared Euclidean distance). Scores are always
             higher-is-better, so ``"l2"`` scores are negative squared distances.
-        threads: OpenMP threads for faiss; ``faiss.omp_set_num_threads`` is called with it before every
-            build, search and load (it is a process-wide setting). HNSW builds are reproducible only with
-            ``threads=1``.
+        threads: OpenMP threads for faiss during every build, search and load; the previous OpenMP setting
+            is restored afterwards, so the index never changes the thread count of torch or anything else
+            sharing the OpenMP runtime (a leaked setting oversubscribed the cores and made two-tower
+            training 15x slower). HNSW builds are reproducible only with ``threads=1``.
         train_sample: how many vectors (drawn without replacement with ``seed``) train IVF/PQ indexes;
             ``None`` uses all vectors. An IVF index needs at least ``nlist`` training vectors; fewer raises
             :class:`ConfigError` suggesting a smaller ``nlist`` (no silent clamping, so the factory string a
@@ -199,7 +201,6 @@ class ItemIndex:
 
         The input array is copied (as float32), never modified. Returns ``self``.
         """
-        faiss = _faiss()
         if not isinstance(items, IdVocab):
             raise DataValidationError(
                 f"ItemIndex.build: items must be an IdVocab, got {type(items).__name__}"
@@ -213,7 +214,11 @@ class ItemIndex:
         if matrix.shape[0] == 0:
             raise DataValidationError("ItemIndex.build: vectors has no rows; there is nothing to index")
         dim = matrix.shape[1]
-        faiss.omp_set_num_threads(self.config.threads)
+        with omp_threads(self.config.threads):
+            return self._build(matrix, items, dim)
+
+    def _build(self, matrix: np.ndarray, items: IdVocab, dim: int) -> ItemIndex:
+        faiss = _faiss()
         try:
             index = faiss.index_factory(dim, self.config.factory, self.config.faiss_metric())
         except RuntimeError as exc:
@@ -325,18 +330,17 @@ class ItemIndex:
             eligible item hold id ``-1`` and score ``-inf``.
         """
         self._require_built()
-        faiss = _faiss()
         k = _check_k(k)
         matrix, single = self._check_queries(queries)
         n = matrix.shape[0]
         banned = self._banned_rows(exclude_rows, deny, n, single)
         allow_rows = None if allow is None else self._allow_rows(allow)
 
-        faiss.omp_set_num_threads(self.config.threads)
-        if allow_rows is not None:
-            rows, scores = self._search_allowed(matrix, k, banned, allow_rows)
-        else:
-            rows, scores = self._search_index(matrix, k, banned)
+        with omp_threads(self.config.threads):
+            if allow_rows is not None:
+                rows, scores = self._search_allowed(matrix, k, banned, allow_rows)
+            else:
+                rows, scores = self._search_index(matrix, k, banned)
         ids = self.items.external(rows)  # type: ignore[union-attr]
         scores = scores.astype(np.float32)
         if single:
@@ -586,9 +590,9 @@ class ItemIndex:
                 f"but expected_items has {len(expected_items)} (fingerprint {expected_items.fingerprint()}); "
                 "rebuild the index from the model that produced these items"
             )
-        faiss.omp_set_num_threads(config.threads)
         try:
-            index = faiss.read_index(str(folder / INDEX_FILE))
+            with omp_threads(config.threads):
+                index = faiss.read_index(str(folder / INDEX_FILE))
         except RuntimeError as exc:
             raise ArtifactError(
                 f"{folder / INDEX_FILE}: faiss cannot read it ({_faiss_message(exc)}); re-save the index"
@@ -630,6 +634,18 @@ class ItemIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def omp_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` faiss OpenMP threads, restoring the previous count afterwards."""
+    faiss = _faiss()
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def _check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
         raise DataValidationError(f"ItemIndex.search: k must be a positive integer, got {k!r}")

@@ -28,13 +28,7 @@ class PopularityRetriever(EmbeddingRetriever):
     """Scores item i by its count of training events, for every user (seen items still excluded)."""
 
     name = "popularity"
-
-    def __init__(self, config: PopularityConfig | None = None) -> None:
-        super().__init__(config or PopularityConfig())
-
-    @classmethod
-    def config_class(cls) -> type:
-        return PopularityConfig
+    config_type = PopularityConfig
 
     def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         counts = np.asarray(matrix.sum(axis=0), dtype=np.float32).ravel()

@@ -7,12 +7,14 @@ from typing import Any
 
 from data.errors import ConfigError
 from data.io import read_manifest
-from retrieval.base import RETRIEVER_KIND, EmbeddingRetriever
+from retrieval.base import RETRIEVER_KIND, EmbeddingRetriever, Retriever
 from retrieval.cf import ALSRetriever, BPRRetriever
+from retrieval.hybrid import HYBRID_KIND, HybridRetriever
 from retrieval.popularity import PopularityRetriever
+from retrieval.two_tower import TwoTowerRetriever
 
 RETRIEVERS: dict[str, type[EmbeddingRetriever]] = {
-    cls.name: cls for cls in (PopularityRetriever, ALSRetriever, BPRRetriever)
+    cls.name: cls for cls in (PopularityRetriever, ALSRetriever, BPRRetriever, TwoTowerRetriever)
 }
 
 
@@ -34,7 +36,10 @@ def make_retriever(name: str, config: Any = None) -> EmbeddingRetriever:
     return retriever_class(name)(config)
 
 
-def load_retriever(folder: str | Path) -> EmbeddingRetriever:
-    """Load any retriever saved with ``save``; the manifest says which class."""
-    manifest = read_manifest(folder, kind=RETRIEVER_KIND)
+def load_retriever(folder: str | Path) -> Retriever:
+    """Load any retriever saved with ``save`` (a hybrid too); the manifest says which class."""
+    manifest = read_manifest(folder)
+    if manifest.get("kind") == HYBRID_KIND:
+        return HybridRetriever.load(folder)
+    read_manifest(folder, kind=RETRIEVER_KIND)  # a clear error for any other kind
     return retriever_class(manifest["model"]).load(folder)

@@ -27,8 +27,8 @@ def test_train_writes_a_versioned_artifact_with_manifest(trained, capsys):
     assert manifest["data"]["stats"]["users"] == 610 and manifest["data"]["stats"]["items"] == 3650
     assert len(manifest["data"]["fingerprint"]) == 16 and "numpy" in manifest["versions"]
     test = manifest["metrics"]["test"]
-    assert test["NDCG@10"] > manifest["metrics"]["popularity_test"]["NDCG@10"]
-    assert len(manifest["metrics"]["validation"]["trials"]) == 12
+    assert test["NDCG@10"] > manifest["metrics"]["baselines_test"]["popularity"]["NDCG@10"]
+    assert len(manifest["metrics"]["validation"]["als"]["trials"]) == 12
     assert not list(trained.glob(".*.tmp"))  # nothing half-written left behind
 
 

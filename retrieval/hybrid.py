@@ -1,0 +1,373 @@
+"""Hybrid candidate generation: several fitted retrievers merged into one de-duplicated list.
+
+Each component retrieves a deeper list (``depth_factor * k``); the lists are fused per user by
+
+* **reciprocal-rank fusion** (``"rrf"``): ``score(i) = sum_r w_r / (rrf_k + rank_r(i))``, or
+* **weighted score** (``"score"``): ``score(i) = sum_r w_r * s_r(i)`` with ``s_r`` the component's score
+  min-max normalised over that user's list (1 = its best, 0 = its last),
+
+where a component that did not return item ``i`` adds nothing. Ties are broken by the best component
+rank, then by item id. The method, ``rrf_k`` and the weights are chosen on validation by
+:meth:`HybridRetriever.tune` (a small grid). :meth:`HybridRetriever.candidates` also returns, per candidate,
+which components found it, with their scores and ranks (features for the reranker).
+
+The retrieve contract is the one of :class:`~retrieval.base.Retriever` (scalar -> 1-D, array -> 2-D,
+padding ``-1``/``-inf``; unknown users get each component's fallback).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from data.config import JsonConfig, require
+from data.dataset import Interactions
+from data.errors import ArtifactError, ConfigError, DataValidationError
+from data.io import atomic_path, library_versions, read_manifest, write_manifest
+from data.metrics import evaluate_rankings
+from data.protocol import Split
+from data.vocab import IdVocab
+from retrieval.base import Retriever, as_user_array, check_k
+
+HYBRID_KIND = "hybrid_retriever"
+_METHODS = ("rrf", "score")
+_METRIC_RE = re.compile(r"^(Recall|NDCG|MRR)@(\d+)$")
+
+
+@dataclass
+class HybridConfig(JsonConfig):
+    """How the component lists are fused, and the validation grid :meth:`HybridRetriever.tune` searches.
+
+    Attributes:
+        method: ``"rrf"`` (reciprocal-rank fusion) or ``"score"`` (weighted min-max normalised scores).
+        rrf_k: the RRF constant (larger flattens the rank discount).
+        weights: one weight per component, in component order; empty means all 1.
+        depth_factor: each component retrieves ``ceil(depth_factor * k)`` items before fusion (>= 1).
+        tune_metric: the validation metric :meth:`HybridRetriever.tune` maximises (``"Recall@50"``:
+            recall at a shortlist size is what the reranker needs).
+        tune_methods: methods searched.
+        tune_rrf_ks: ``rrf_k`` values searched (RRF only).
+        tune_weights: values searched for each component's weight but the first (fixed at 1); each
+            component alone is always tried too.
+        progress: show a progress bar while tuning.
+    """
+
+    method: str = "rrf"
+    rrf_k: float = 60.0
+    weights: tuple[float, ...] = ()
+    depth_factor: float = 3.0
+    tune_metric: str = "Recall@50"
+    tune_methods: tuple[str, ...] = _METHODS
+    tune_rrf_ks: tuple[float, ...] = (10.0, 30.0, 60.0, 120.0)
+    tune_weights: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.method in _METHODS, f"HybridConfig.method must be one of {list(_METHODS)}, got {self.method!r}")
+        require(self.rrf_k >= 0, f"HybridConfig.rrf_k must be >= 0, got {self.rrf_k}")
+        require(all(w >= 0 for w in self.weights), "HybridConfig.weights must be >= 0")
+        require(self.depth_factor >= 1, f"HybridConfig.depth_factor must be >= 1, got {self.depth_factor}")
+        require(bool(_METRIC_RE.match(self.tune_metric)),
+                f"HybridConfig.tune_metric must look like 'Recall@50', 'NDCG@10' or 'MRR@10', got "
+                f"{self.tune_metric!r}")
+        require(len(self.tune_methods) > 0 and all(m in _METHODS for m in self.tune_methods),
+                f"HybridConfig.tune_methods must be a non-empty subset of {list(_METHODS)}")
+        require(len(self.tune_rrf_ks) > 0 and all(k >= 0 for k in self.tune_rrf_ks),
+                "HybridConfig.tune_rrf_ks must be non-empty and >= 0")
+        require(len(self.tune_weights) > 0 and all(w >= 0 for w in self.tune_weights),
+                "HybridConfig.tune_weights must be non-empty and >= 0")
+
+
+@dataclass
+class Candidates:
+    """Fused candidates with their provenance.
+
+    Attributes:
+        item_ids: int64 ``(n, k)`` (``(k,)`` for a scalar user) fused list, padding ``-1``.
+        scores: float32 fused scores, padding ``-inf``.
+        sources: the component names, in the order of the last axis below.
+        component_scores: float32 ``(n, k, R)`` each component's raw score of the candidate, NaN where the
+            component did not return it.
+        component_ranks: int32 ``(n, k, R)`` the candidate's 1-based rank in each component's list, 0
+            where the component did not return it.
+    """
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    sources: tuple[str, ...]
+    component_scores: np.ndarray
+    component_ranks: np.ndarray
+
+    @property
+    def found(self) -> np.ndarray:
+        """bool ``(n, k, R)``: which components returned each candidate."""
+        return self.component_ranks > 0
+
+
+@dataclass
+class _Lists:
+    """The components' deep lists for ``n`` users: ids/scores ``(n, R, D)``."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+def _normalised(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Min-max normalise each (user, component) list over its non-padding entries (1 best, 0 last)."""
+    valid = ids != -1
+    finite = np.where(valid, scores, np.nan).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        hi = np.nanmax(np.where(valid.any(-1, keepdims=True), finite, 0.0), axis=-1, keepdims=True)
+        lo = np.nanmin(np.where(valid.any(-1, keepdims=True), finite, 0.0), axis=-1, keepdims=True)
+    span = hi - lo
+    out = np.where(span > 0, (finite - lo) / np.where(span > 0, span, 1.0), 1.0)
+    return np.where(valid, out, 0.0)
+
+
+def fuse(lists: _Lists, k: int, *, method: str, weights: Sequence[float], rrf_k: float,
+         provenance: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Fuse component lists into top-``k`` ``(ids, scores, component_scores, component_ranks)``.
+
+    The last two are ``None`` unless ``provenance``. Vectorised over users.
+    """
+    n, r, depth = lists.ids.shape
+    ranks = np.broadcast_to(np.arange(1, depth + 1, dtype=np.float64), (n, r, depth))
+    w = np.asarray(weights, dtype=np.float64).reshape(1, r, 1)
+    if method == "rrf":
+        contrib = w / (rrf_k + ranks)
+    else:
+        contrib = w * _normalised(lists.scores, lists.ids)
+    user = np.broadcast_to(np.arange(n)[:, None, None], (n, r, depth)).ravel()
+    comp = np.broadcast_to(np.arange(r)[None, :, None], (n, r, depth)).ravel()
+    ids = lists.ids.ravel()
+    valid = ids != -1
+    user, comp, ids = user[valid], comp[valid], ids[valid]
+    contrib, rank_flat = contrib.ravel()[valid], ranks.ravel()[valid]
+    raw = lists.scores.ravel()[valid]
+    order = np.lexsort((ids, user))
+    user, comp, ids, contrib, rank_flat, raw = (a[order] for a in (user, comp, ids, contrib, rank_flat, raw))
+    new_group = np.ones(user.size, dtype=bool)
+    new_group[1:] = (user[1:] != user[:-1]) | (ids[1:] != ids[:-1])
+    group = np.cumsum(new_group) - 1
+    starts = np.flatnonzero(new_group)
+    g_user, g_id = user[starts], ids[starts]
+    g_score = np.add.reduceat(contrib, starts) if starts.size else np.zeros(0)
+    g_best = np.minimum.reduceat(rank_flat, starts) if starts.size else np.zeros(0)
+    pick = np.lexsort((g_id, g_best, -g_score, g_user))
+    g_user_sorted = g_user[pick]
+    first = np.searchsorted(g_user_sorted, np.arange(n))
+    position = np.arange(pick.size) - first[g_user_sorted]
+    keep = position < k
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    rows, cols, chosen = g_user_sorted[keep], position[keep], pick[keep]
+    out_ids[rows, cols] = g_id[chosen]
+    out_scores[rows, cols] = g_score[chosen]
+    if not provenance:
+        return out_ids, out_scores, None, None
+    slot = np.full(starts.size, -1, dtype=np.int64)  # group -> flat output slot
+    slot[chosen] = rows * k + cols
+    target = slot[group]
+    hit = target >= 0
+    comp_scores = np.full((n * k, r), np.nan, dtype=np.float32)
+    comp_ranks = np.zeros((n * k, r), dtype=np.int32)
+    comp_scores[target[hit], comp[hit]] = raw[hit]
+    comp_ranks[target[hit], comp[hit]] = rank_flat[hit].astype(np.int32)
+    return out_ids, out_scores, comp_scores.reshape(n, k, r), comp_ranks.reshape(n, k, r)
+
+
+class HybridRetriever(Retriever):
+    """Fuses the lists of several fitted retrievers; see the module docstring.
+
+    Args:
+        components: fitted retrievers, as ``{name: retriever}`` or a sequence (named by their ``name``,
+            with ``_2``, ``_3``... for repeats). All must share the item catalogue and the history.
+        config: the fusion settings.
+
+    Attributes:
+        tuning: after :meth:`tune`, ``{"metric", "best", "trials"}``.
+    """
+
+    name = "hybrid"
+
+    def __init__(self, components: Mapping[str, Retriever] | Sequence[Retriever],
+                 config: HybridConfig | None = None) -> None:
+        if isinstance(components, Mapping):
+            named = dict(components)
+        else:
+            named = {}
+            for comp in components:
+                base = getattr(comp, "name", type(comp).__name__)
+                key, i = base, 1
+                while key in named:
+                    i += 1
+                    key = f"{base}_{i}"
+                named[key] = comp
+        if not named:
+            raise ConfigError("HybridRetriever: pass at least one component retriever")
+        for key, comp in named.items():
+            if not isinstance(comp, Retriever):
+                raise ConfigError(f"HybridRetriever: component {key!r} is a {type(comp).__name__}, not a Retriever")
+        self.components: dict[str, Retriever] = named
+        self.config = config or HybridConfig()
+        if self.config.weights and len(self.config.weights) != len(named):
+            raise ConfigError(
+                f"HybridConfig.weights has {len(self.config.weights)} values for {len(named)} components "
+                f"({list(named)}); give one per component or leave it empty"
+            )
+        self.tuning: dict[str, Any] | None = None
+
+    # ---- contract -------------------------------------------------------------------------------
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(self.components)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(self.config.weights) or (1.0,) * len(self.components)
+
+    @property
+    def users(self) -> IdVocab:  # type: ignore[override]
+        return next(iter(self.components.values())).users
+
+    @property
+    def items(self) -> IdVocab:  # type: ignore[override]
+        return next(iter(self.components.values())).items
+
+    @property
+    def history_fingerprint(self) -> str:
+        prints = {comp.history_fingerprint for comp in self.components.values()}
+        return prints.pop() if len(prints) == 1 else "mixed:" + ",".join(sorted(prints))
+
+    def fit(self, data: Interactions, *, items: IdVocab | None = None) -> HybridRetriever:
+        """Refit every component on ``data`` (the fusion settings are kept)."""
+        for comp in self.components.values():
+            comp.fit(data, items=items)
+        return self
+
+    def set_history(self, data: Interactions) -> HybridRetriever:
+        """Give every component the histories ``data`` (no retraining)."""
+        for key, comp in self.components.items():
+            if not hasattr(comp, "set_history"):
+                raise ConfigError(f"HybridRetriever: component {key!r} cannot set_history()")
+            comp.set_history(data)
+        return self
+
+    def depth(self, k: int) -> int:
+        """How many items each component retrieves for a final list of ``k``."""
+        return max(k, math.ceil(self.config.depth_factor * k))
+
+    def _lists(self, ids: np.ndarray, depth: int, exclude_seen: bool, allow: Any, deny: Any) -> _Lists:
+        got = [comp.retrieve(ids, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
+               for comp in self.components.values()]
+        return _Lists(ids=np.stack([g[0] for g in got], axis=1), scores=np.stack([g[1] for g in got], axis=1))
+
+    def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
+        k = check_k(k)
+        ids, scalar = as_user_array(user_ids)
+        lists = self._lists(ids, self.depth(k), exclude_seen, allow, deny)
+        out_ids, out_scores, _, _ = fuse(lists, k, method=self.config.method, weights=self.weights,
+                                         rrf_k=self.config.rrf_k)
+        if scalar:
+            return out_ids[0], out_scores[0]
+        return out_ids, out_scores
+
+    def candidates(self, user_ids: Any, k: int, *, exclude_seen: bool = True, allow: Any = None,
+                   deny: Any = None) -> Candidates:
+        """The fused top-``k`` with, per candidate, each component's score and rank (see :class:`Candidates`)."""
+        k = check_k(k)
+        ids, scalar = as_user_array(user_ids)
+        lists = self._lists(ids, self.depth(k), exclude_seen, allow, deny)
+        out_ids, out_scores, comp_scores, comp_ranks = fuse(
+            lists, k, method=self.config.method, weights=self.weights, rrf_k=self.config.rrf_k, provenance=True)
+        if scalar:
+            out_ids, out_scores, comp_scores, comp_ranks = out_ids[0], out_scores[0], comp_scores[0], comp_ranks[0]
+        return Candidates(item_ids=out_ids, scores=out_scores, sources=self.sources,
+                          component_scores=comp_scores, component_ranks=comp_ranks)
+
+    # ---- tuning ---------------------------------------------------------------------------------
+    def tune(self, split: Split, stage: str = "val") -> HybridRetriever:
+        """Choose method, ``rrf_k`` and weights maximising ``config.tune_metric`` on ``stage``.
+
+        The components must hold ``split.history(stage)`` (fit on it). Each component's deep list is
+        retrieved once; every grid point only re-fuses them. Sets ``config`` and :attr:`tuning`.
+        """
+        from retrieval.evaluate import targets_by_user
+
+        c = self.config
+        if self.history_fingerprint != split.history(stage).fingerprint():
+            raise DataValidationError(
+                f"HybridRetriever.tune: the components' histories are not split.history({stage!r}); fit "
+                f"them on it (or set_history) before tuning"
+            )
+        metric_k = int(_METRIC_RE.match(c.tune_metric).group(2))
+        ks = tuple(sorted({10, metric_k}))
+        users, relevant = targets_by_user(split, stage)
+        lists = self._lists(users, self.depth(max(ks)), True, None, None)
+        n_comp = len(self.components)
+        weight_grid = [(1.0, *rest) for rest in itertools.product(c.tune_weights, repeat=n_comp - 1)]
+        points = [("score", 0.0, w) for w in weight_grid] if "score" in c.tune_methods else []
+        if "rrf" in c.tune_methods:
+            points = [("rrf", rk, w) for rk in c.tune_rrf_ks for w in weight_grid] + points
+        # each component alone (RRF with one non-zero weight keeps its order exactly), so the choice is
+        # never worse on validation than the best single component
+        singles = [tuple(float(i == r) for i in range(n_comp)) for r in range(n_comp)] if n_comp > 1 else []
+        points += [("rrf", c.tune_rrf_ks[0], w) for w in singles]
+        trials, best = [], None
+        for method, rrf_k, weights in tqdm(points, desc="tune hybrid", disable=not c.progress):
+            ranked, _, _, _ = fuse(lists, max(ks), method=method, weights=weights, rrf_k=rrf_k)
+            means = evaluate_rankings(ranked, relevant, ks=ks, n_items=len(split.items), n_boot=0).means
+            trials.append({"method": method, "rrf_k": rrf_k, "weights": list(weights),
+                           **{k: round(v, 6) for k, v in means.items()}})
+            if best is None or means[c.tune_metric] > best[0]:
+                best = (means[c.tune_metric], method, rrf_k, weights)
+        _, method, rrf_k, weights = best
+        self.config = HybridConfig(**{**self.config.to_dict(), "method": method,
+                                      "rrf_k": rrf_k if method == "rrf" else c.rrf_k,
+                                      "weights": tuple(weights)})
+        self.tuning = {"metric": c.tune_metric, "best": float(best[0]), "trials": trials}
+        return self
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the fusion config and every component (each in its own folder) atomically."""
+        folder = Path(folder)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            names = {}
+            for i, (key, comp) in enumerate(self.components.items()):
+                sub = f"component_{i}"
+                if not hasattr(comp, "save"):
+                    raise ConfigError(f"HybridRetriever.save: component {key!r} cannot be saved")
+                comp.save(tmp / sub)
+                names[key] = sub
+            write_manifest(tmp, {"kind": HYBRID_KIND, "config": self.config.to_dict(), "components": names,
+                                 "tuning": self.tuning, "versions": library_versions(), "files": {}})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> HybridRetriever:
+        """Load a folder written by :meth:`save` (each component through ``load_retriever``)."""
+        from retrieval.registry import load_retriever
+
+        folder = Path(folder)
+        manifest = read_manifest(folder, kind=HYBRID_KIND)
+        try:
+            components = {key: load_retriever(folder / sub) for key, sub in manifest["components"].items()}
+            config = HybridConfig.from_dict(manifest["config"])
+        except KeyError as exc:
+            raise ArtifactError(f"{folder}: hybrid manifest lacks {exc}; re-save it") from exc
+        out = cls(components, config)
+        out.tuning = manifest.get("tuning")
+        return out
+
+
+__all__ = ["Candidates", "HybridConfig", "HybridRetriever", "fuse"]
