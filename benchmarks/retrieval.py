@@ -152,9 +152,6 @@ def run(data_path: str | None = None, ann_items: int = 200_000, seed: int = 0) -
 
     print("\n## Test quality (95% bootstrap intervals)\n")
     quality, fitted = quality_rows(split, config)
-    print(markdown_table(quality, QUALITY_COLUMNS))
-
-    print("\n## Two-tower and hybrid (same split, same protocol)\n")
     seq_rows, _ = sequential_rows(split, config)
     quality += seq_rows
     print(markdown_table(quality, QUALITY_COLUMNS + ["p50_ms", "p99_ms"]))

@@ -38,8 +38,9 @@ def base_config(model: str, config: TrainConfig) -> Any:
         return PopularityConfig(index=config.index)
     if model == "two_tower":
         return dataclasses.replace(config.two_tower, index=config.index)
-    cls = {"als": ALSConfig, "bpr": BPRConfig}[model]
-    return cls(seed=config.seed, threads=config.threads, index=config.index)
+    if model == "bpr":  # BPR's parallel SGD is hogwild: only one thread gives a reproducible model
+        return BPRConfig(seed=config.seed, threads=1, index=config.index)
+    return ALSConfig(seed=config.seed, threads=config.threads, index=config.index)
 
 
 def load_dataset(name: str = "ml-latest-small", path: str | None = None) -> Interactions:
