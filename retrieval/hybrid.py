@@ -342,13 +342,13 @@ class HybridRetriever(Retriever):
         folder = Path(folder)
         with atomic_path(folder) as tmp:
             tmp.mkdir()
-            names = {}
+            names = []  # a list of [key, folder] pairs: component order carries the weights' order
             for i, (key, comp) in enumerate(self.components.items()):
                 sub = f"component_{i}"
                 if not hasattr(comp, "save"):
                     raise ConfigError(f"HybridRetriever.save: component {key!r} cannot be saved")
                 comp.save(tmp / sub)
-                names[key] = sub
+                names.append([key, sub])
             write_manifest(tmp, {"kind": HYBRID_KIND, "config": self.config.to_dict(), "components": names,
                                  "tuning": self.tuning, "versions": library_versions(), "files": {}})
         return folder
@@ -361,7 +361,7 @@ class HybridRetriever(Retriever):
         folder = Path(folder)
         manifest = read_manifest(folder, kind=HYBRID_KIND)
         try:
-            components = {key: load_retriever(folder / sub) for key, sub in manifest["components"].items()}
+            components = {key: load_retriever(folder / sub) for key, sub in manifest["components"]}
             config = HybridConfig.from_dict(manifest["config"])
         except KeyError as exc:
             raise ArtifactError(f"{folder}: hybrid manifest lacks {exc}; re-save it") from exc

@@ -158,3 +158,13 @@ def test_config_validation():
     with pytest.raises(ConfigError):
         HybridRetriever([PopularityRetriever()], HybridConfig(weights=(1.0, 2.0)))
     assert HybridConfig.from_json(QUICK.to_json()) == QUICK
+
+
+def test_save_and_load_keeps_component_order_and_weights(components, split, tmp_path):
+    """Regression: weights follow component order, so a reload must not re-sort the components."""
+    ordered = {"popularity": components["popularity"], "als": components["als"]}  # not alphabetical
+    hybrid = HybridRetriever(ordered, HybridConfig(method="score", weights=(0.1, 1.0)))
+    loaded = HybridRetriever.load(hybrid.save(tmp_path / "ordered"))
+    assert loaded.sources == ("popularity", "als") and loaded.weights == (0.1, 1.0)
+    users = split.users.ids[:50]
+    np.testing.assert_array_equal(loaded.retrieve(users, 20)[0], hybrid.retrieve(users, 20)[0])
