@@ -69,3 +69,33 @@ def generate_candidates(
     seconds = time.perf_counter() - started
     return BatchStats(users=int(users.size), rows=len(table), seconds=seconds,
                       users_per_second=users.size / seconds if seconds > 0 else float("inf"), path=out)
+
+
+def export_embeddings(retriever: Retriever, out: str | Path) -> list[Path]:
+    """Write ``items.parquet`` and ``users.parquet`` (``item_id``/``user_id`` + ``embedding``) under ``out``.
+
+    The user vectors are the query vectors the retriever searches with (stored factors for ALS/BPR, the
+    query tower over the current history for the two-tower). A hybrid writes one sub-folder per
+    component. Files are written atomically.
+    """
+    from retrieval.base import EmbeddingRetriever
+
+    out = Path(out)
+    components = getattr(retriever, "components", None)
+    if components is not None:
+        return [p for name, comp in components.items() for p in export_embeddings(comp, out / name)]
+    if not isinstance(retriever, EmbeddingRetriever):
+        raise TypeError(f"export_embeddings: {type(retriever).__name__} has no embeddings to export")
+    users = np.arange(len(retriever.users))
+    tables = {
+        "items.parquet": pd.DataFrame({"item_id": retriever.items.ids,
+                                       "embedding": list(np.asarray(retriever.item_factors))}),
+        "users.parquet": pd.DataFrame({"user_id": retriever.users.ids,
+                                       "embedding": list(np.asarray(retriever.user_vectors(users)))}),
+    }
+    written = []
+    for name, table in tables.items():
+        with atomic_path(out / name) as tmp:
+            table.to_parquet(tmp, index=False)
+        written.append(out / name)
+    return written

@@ -4,6 +4,7 @@
     shortlist evaluate   [--artifacts artifacts]
     shortlist recommend  --user ID [--k 10]
     shortlist candidates --out FILE.parquet [--k 100]
+    shortlist embeddings --out DIR
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ def _candidates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embeddings(args: argparse.Namespace) -> int:
+    from pipeline.artifacts import load_artifact
+    from pipeline.batch import export_embeddings
+
+    for path in export_embeddings(load_artifact(args.artifacts).retriever, args.out):
+        print(f"Wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shortlist", description="Two-stage recommender: retrieval + rerank")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -134,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1024)
     artifacts_arg(p)
     p.set_defaults(func=_candidates)
+
+    p = sub.add_parser("embeddings", help="export user and item embeddings to Parquet")
+    p.add_argument("--out", required=True, help="output folder (items.parquet, users.parquet)")
+    artifacts_arg(p)
+    p.set_defaults(func=_embeddings)
     return parser
 
 
