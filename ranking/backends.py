@@ -24,20 +24,7 @@ import torch
 
 from ranking.encoder import CrossEncoder, HistoryState
 from ranking.inputs import PairwiseBatch
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` (0: unchanged), restoring it after."""
-    if threads <= 0:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from retrieval.trainer import torch_threads
 
 
 class ScoringBackend(ABC):

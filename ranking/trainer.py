@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from data.errors import DataValidationError
 from data.protocol import Split
-from ranking.backends import TorchBackend, torch_threads
+from ranking.backends import TorchBackend
 from ranking.config import RankerConfig, TrainerConfig
 from ranking.cross_encoder import CrossEncoderRanker
 from ranking.data import (
@@ -47,6 +47,7 @@ from ranking.data import (
 from ranking.encoder import CrossEncoder
 from ranking.inputs import one_pass_batch, pairwise_batch
 from ranking.scoring import score_lists
+from retrieval.trainer import torch_threads
 
 log = logging.getLogger(__name__)
 

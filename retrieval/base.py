@@ -173,6 +173,10 @@ class EmbeddingRetriever(Retriever):
         """Item rows the user has interacted with (excluded from their results)."""
         return self.seen.indices[self.seen.indptr[user_row] : self.seen.indptr[user_row + 1]]
 
+    def has_query(self, user_rows: np.ndarray) -> np.ndarray:
+        """Which user rows (-1 = unknown) get a personal query vector; the rest get popular items."""
+        return np.asarray(user_rows) >= 0
+
     def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
         if self.index is None:
             raise NotFittedError(f"{type(self).__name__}: call fit() or load() before retrieve()")
@@ -181,27 +185,28 @@ class EmbeddingRetriever(Retriever):
         rows = self.users.rows(ids, missing="ignore")
         out_ids = np.full((ids.size, k), -1, dtype=np.int64)
         out_scores = np.full((ids.size, k), -np.inf, dtype=np.float32)
-        known = rows >= 0
+        known = self.has_query(rows)
         if known.any():
             known_rows = rows[known]
             exclude = [self.seen_rows(r) for r in known_rows] if exclude_seen else None
-            got_ids, got_scores = self.index.search(
+            out_ids[known], out_scores[known] = self.index.search(
                 self.user_vectors(known_rows), k, exclude_rows=exclude, allow=allow, deny=deny
             )
-            out_ids[known], out_scores[known] = got_ids, got_scores
         if (~known).any():
-            log.debug("cold-start fallback for %d unknown users", int((~known).sum()))
-            got_ids, got_scores = self.popular(int((~known).sum()), k, allow=allow, deny=deny)
-            out_ids[~known], out_scores[~known] = got_ids, got_scores
+            cold = rows[~known]
+            log.debug("cold-start fallback for %d users", int(cold.size))
+            exclude = [self.seen_rows(r) if r >= 0 else None for r in cold] if exclude_seen else None
+            out_ids[~known], out_scores[~known] = self.popular(cold.size, k, exclude_rows=exclude,
+                                                               allow=allow, deny=deny)
         if scalar:
             return out_ids[0], out_scores[0]
         return out_ids, out_scores
 
-    def popular(self, n: int, k: int, *, allow=None, deny=None) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` most popular items, repeated for ``n`` rows: the cold-start answer."""
-        queries = np.ones((max(n, 1), 1), dtype=np.float32)
-        got_ids, got_scores = self._fallback.search(queries, check_k(k), allow=allow, deny=deny)
-        return got_ids[:n], got_scores[:n]
+    def popular(self, n: int, k: int, *, exclude_rows=None, allow=None, deny=None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most popular items for ``n`` rows: the cold-start answer (``exclude_rows`` per row)."""
+        queries = np.ones((n, 1), dtype=np.float32)
+        return self._fallback.search(queries, check_k(k), exclude_rows=exclude_rows, allow=allow, deny=deny)
 
     # ---- persistence ----------------------------------------------------------------------------
     def _extra_tensors(self) -> dict[str, np.ndarray]:

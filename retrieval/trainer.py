@@ -128,7 +128,10 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous value after."""
+    """Run the block with ``torch.set_num_threads(threads)`` (0: unchanged), restoring it after."""
+    if threads <= 0:
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -31,7 +31,7 @@ from data.dataset import ITEM, TIME, USER, Interactions, sequences
 from data.errors import ArtifactError, DataValidationError, NotFittedError
 from data.protocol import Split
 from data.vocab import IdVocab
-from retrieval.base import EmbeddingRetriever, as_user_array, check_k
+from retrieval.base import EmbeddingRetriever, check_k
 from retrieval.index import IndexConfig
 from retrieval.item_features import (
     BUNDLED_MINILM,
@@ -380,32 +380,9 @@ class TwoTowerRetriever(EmbeddingRetriever):
         """Query vectors of known users, computed now from their stored histories."""
         return self.encode_histories([self._sequences[int(r)] for r in np.asarray(user_rows)])
 
-    def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
-        """The retrieval contract; users unknown or with an empty history get the popularity fallback."""
-        if self.index is None:
-            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before retrieve()")
-        k = check_k(k)
-        ids, scalar = as_user_array(user_ids)
-        rows = self.users.rows(ids, missing="ignore")
-        out_ids = np.full((ids.size, k), -1, dtype=np.int64)
-        out_scores = np.full((ids.size, k), -np.inf, dtype=np.float32)
-        known = np.array([r >= 0 and self._sequences[r].size > 0 for r in rows], dtype=bool)
-        if known.any():
-            known_rows = rows[known]
-            exclude = [self.seen_rows(r) for r in known_rows] if exclude_seen else None
-            out_ids[known], out_scores[known] = self.index.search(
-                self.user_vectors(known_rows), k, exclude_rows=exclude, allow=allow, deny=deny)
-        if (~known).any():
-            cold = rows[~known]
-            exclude = [self.seen_rows(r) if r >= 0 else None for r in cold] if exclude_seen else None
-            out_ids[~known], out_scores[~known] = self._popular_excluding(cold.size, k, exclude, allow, deny)
-        if scalar:
-            return out_ids[0], out_scores[0]
-        return out_ids, out_scores
-
-    def _popular_excluding(self, n: int, k: int, exclude: list | None, allow: Any, deny: Any):
-        queries = np.ones((n, 1), dtype=np.float32)
-        return self._fallback.search(queries, k, exclude_rows=exclude, allow=allow, deny=deny)
+    def has_query(self, user_rows: np.ndarray) -> np.ndarray:
+        """Known users with a non-empty history; the rest get the popularity fallback."""
+        return np.array([r >= 0 and self._sequences[r].size > 0 for r in user_rows], dtype=bool)
 
     def retrieve_history(self, item_ids: Any, k: int, *, exclude_seen: bool = True, allow: Any = None,
                          deny: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -424,7 +401,7 @@ class TwoTowerRetriever(EmbeddingRetriever):
         rows = rows[rows >= 0]
         exclude = [np.unique(rows)] if exclude_seen else None
         if rows.size == 0:
-            got_ids, got_scores = self._popular_excluding(1, k, exclude, allow, deny)
+            got_ids, got_scores = self.popular(1, k, exclude_rows=exclude, allow=allow, deny=deny)
         else:
             got_ids, got_scores = self.index.search(self.encode_histories([rows]), k, exclude_rows=exclude,
                                                     allow=allow, deny=deny)
