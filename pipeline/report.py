@@ -8,7 +8,7 @@ from typing import Any
 
 def format_value(value: Any, ci: Sequence[float] | None = None) -> str:
     if isinstance(value, float):
-        text = f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+        text = f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"  # metrics vs. ms and seconds
         if ci is not None:
             text += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
         return text
