@@ -41,3 +41,15 @@ class UnknownIdError(ShortlistError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class BackendUnavailableError(ShortlistError, RuntimeError):
+    """A scoring backend cannot run here (missing extra such as ``[onnx]``, no CUDA device, unsupported CPU)."""
+
+
+class BudgetExceededError(ShortlistError, TimeoutError):
+    """A stage ran past its share of the latency budget (the pipeline degrades to the retrieval order)."""
+
+
+class OverloadedError(ShortlistError, RuntimeError):
+    """A queue is full; the caller should shed the request (HTTP 429/503) instead of waiting."""

@@ -1,15 +1,19 @@
-"""Batch candidate generation: the top-N items of every user, written to Parquet."""
+"""Batch candidate generation: the top-N items of every user, written to Parquet, optionally with the top M
+reranked by the cross-encoder (the offline twin of :class:`pipeline.recommender.Recommender`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from data.errors import DataValidationError
 from data.io import atomic_path
 from retrieval.base import Retriever, check_k
 
@@ -24,6 +28,7 @@ class BatchStats:
         seconds: wall time of retrieval plus writing.
         users_per_second: throughput.
         path: the Parquet file.
+        reranked_m: candidates reranked per user (0: retrieval order only).
     """
 
     users: int
@@ -31,6 +36,38 @@ class BatchStats:
     seconds: float
     users_per_second: float
     path: Path
+    reranked_m: int = 0
+
+
+def rerank_lists(ranker: Any, histories: Sequence[np.ndarray], ids: np.ndarray, scores: np.ndarray, m: int, *,
+                 blend: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rerank the first ``m`` columns of retrieval lists ``ids``/``scores`` (``(n, N)``, ``-1`` padding).
+
+    The top ``m`` are ordered by the cross-encoder score (or by ``blend``'s hybrid score when given, the
+    online path's rule), the rest keep the retrieval order. Returns ``(ids, scores, retrieval_scores,
+    cross_encoder_scores)`` in the new order: ``scores`` is the score each item was ordered by and the
+    cross-encoder scores are NaN outside the top ``m``.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
+    m = min(int(m), ids.shape[1])
+    ce = np.full(ids.shape, np.nan, dtype=np.float32)
+    if ids.size == 0 or m == 0:
+        return ids, scores, scores, ce
+    head = ranker.score_lists(list(histories), ids[:, :m])
+    ce[:, :m] = np.where(ids[:, :m] >= 0, head, np.nan)
+    order_scores = head.astype(np.float64)
+    if blend is not None:
+        order_scores = blend.score(head, np.where(ids[:, :m] >= 0, scores[:, :m], -np.inf))
+    order = np.argsort(-np.where(ids[:, :m] >= 0, order_scores, -np.inf), axis=1, kind="stable")
+    full = np.concatenate([order, np.broadcast_to(np.arange(m, ids.shape[1]), (ids.shape[0], ids.shape[1] - m))],
+                          axis=1)
+    final = scores.astype(np.float64).copy()
+    final[:, :m] = np.where(ids[:, :m] >= 0, order_scores, -np.inf)
+    def pick(values: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(values, full, axis=1)
+
+    return pick(ids), pick(final).astype(np.float32), pick(scores), pick(ce)
 
 
 def generate_candidates(
@@ -42,23 +79,52 @@ def generate_candidates(
     batch_size: int = 1024,
     exclude_seen: bool = True,
     progress: bool = True,
+    ranker: Any = None,
+    rerank_m: int = 50,
+    blend: Any = None,
+    histories: Callable[[int], np.ndarray] | None = None,
 ) -> BatchStats:
     """Write ``user_id, rank, item_id, score`` rows (rank 1 is best) for every user, atomically.
 
-    ``users`` defaults to every user the retriever knows; padding (-1) rows are dropped.
+    ``users`` defaults to every user the retriever knows; padding (-1) rows are dropped. With a ``ranker``
+    the top ``rerank_m`` of each list are reranked (:func:`rerank_lists`, with ``blend`` when given) using
+    each user's history (``histories(user_id)``, default: the history the retriever holds), and the file
+    also gets ``retrieval_score``, ``rerank_score`` and ``reranked`` columns; reranking runs in batches of
+    at most 64 users under a progress bar.
     """
     k = check_k(k)
     users = retriever.users.ids if users is None else np.asarray(users, dtype=np.int64)
+    if ranker is not None and (isinstance(rerank_m, bool) or not isinstance(rerank_m, (int, np.integer))
+                               or rerank_m < 1):
+        raise DataValidationError(f"rerank_m must be a positive integer, got {rerank_m!r}")
+    if ranker is not None:
+        from pipeline.recommender import check_vocabulary, stored_history
+
+        check_vocabulary(retriever, ranker)
+        histories = histories or (lambda u: stored_history(retriever, u))
+        batch_size = min(batch_size, 64)
+    m = min(int(rerank_m), k) if ranker is not None else 0
     started = time.perf_counter()
     parts = []
     for start in tqdm(range(0, users.size, batch_size), desc="candidates", unit="batch", disable=not progress):
         batch = users[start : start + batch_size]
         ids, scores = retriever.retrieve(batch, k, exclude_seen=exclude_seen)
+        columns: dict[str, Any] = {}
+        if ranker is not None:
+            known = ranker.items
+            hist = []
+            for u in batch:
+                h = np.asarray(histories(int(u)), dtype=np.int64)
+                hist.append(h[known.rows(h, missing="ignore") >= 0] if h.size else h)
+            ids, scores, retrieval, ce = rerank_lists(ranker, hist, ids, scores, m, blend=blend)
+            columns = {"retrieval_score": retrieval.ravel().astype(np.float32),
+                       "rerank_score": ce.ravel().astype(np.float32), "reranked": ~np.isnan(ce.ravel())}
         frame = pd.DataFrame({
             "user_id": np.repeat(batch, k),
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), batch.size),
             "item_id": ids.ravel(),
             "score": scores.ravel().astype(np.float32),
+            **columns,
         })
         parts.append(frame[frame["item_id"] != -1])
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
@@ -68,7 +134,8 @@ def generate_candidates(
         table.to_parquet(tmp, index=False)
     seconds = time.perf_counter() - started
     return BatchStats(users=int(users.size), rows=len(table), seconds=seconds,
-                      users_per_second=users.size / seconds if seconds > 0 else float("inf"), path=out)
+                      users_per_second=users.size / seconds if seconds > 0 else float("inf"), path=out,
+                      reranked_m=m)
 
 
 def export_embeddings(retriever: Retriever, out: str | Path) -> list[Path]:

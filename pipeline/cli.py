@@ -3,8 +3,9 @@
     shortlist train      [--model hybrid|two_tower|als|bpr|popularity] [--dataset ml-latest-small] [--data-path DIR]
     shortlist evaluate   [--artifacts artifacts]
     shortlist recommend  --user ID [--k 10]
-    shortlist candidates --out FILE.parquet [--k 100]
+    shortlist candidates --out FILE.parquet [--k 100] [--rerank RANKER_DIR [--rerank-m 50] [--blend FILE]]
     shortlist embeddings --out DIR
+    shortlist serve      [--artifacts artifacts] [--ranker DIR] [--host 127.0.0.1] [--port 8000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -88,10 +89,31 @@ def _candidates(args: argparse.Namespace) -> int:
     from pipeline.batch import generate_candidates
 
     artifact = load_artifact(args.artifacts)
-    stats = generate_candidates(artifact.retriever, args.out, k=args.k, batch_size=args.batch_size)
+    ranker = blend = None
+    if args.rerank:
+        from ranking.cross_encoder import CrossEncoderRanker
+
+        ranker = CrossEncoderRanker.load(args.rerank, load_tokenizer=False)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.blend:
+            from ranking.blend import HybridBlend
+
+            blend = HybridBlend.load(args.blend)
+    stats = generate_candidates(artifact.retriever, args.out, k=args.k, batch_size=args.batch_size, ranker=ranker,
+                                rerank_m=args.rerank_m, blend=blend)
+    how = f", top {stats.reranked_m} reranked" if stats.reranked_m else ""
     print(f"Wrote {stats.rows:,} candidates for {stats.users:,} users to {stats.path} in {stats.seconds:.2f} s "
-          f"({stats.users_per_second:,.0f} users/s)")
+          f"({stats.users_per_second:,.0f} users/s{how})")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline.serve import run
+
+    return run(args)
 
 
 def _embeddings(args: argparse.Namespace) -> int:
@@ -142,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .parquet file")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--rerank", default=None, metavar="RANKER_DIR",
+                   help="rerank each user's top --rerank-m with this saved cross-encoder")
+    p.add_argument("--rerank-m", type=int, default=50, help="candidates reranked per user (default: 50)")
+    p.add_argument("--blend", default=None, help="a HybridBlend JSON file for the reranked order")
+    p.add_argument("--threads", type=int, default=2, help="torch threads while reranking")
     artifacts_arg(p)
     p.set_defaults(func=_candidates)
 
@@ -149,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (items.parquet, users.parquet)")
     artifacts_arg(p)
     p.set_defaults(func=_embeddings)
+
+    from pipeline.serve import add_arguments
+
+    p = sub.add_parser("serve", help="serve /recommend, /rerank, /events over HTTP (the [serve] extra)")
+    add_arguments(p)
+    p.set_defaults(func=_serve)
     return parser
 
 

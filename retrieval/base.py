@@ -5,6 +5,12 @@ array of ids gives 2-D ``(n, k)`` arrays. Ids are external ids; scores are highe
 results are padded with id -1 and score -inf, as FAISS does. Users the model has never seen get the
 popularity fallback instead of an error.
 
+``retrieve_history(history, k) -> (item_ids, scores)``: the same for ONE user given as an explicit history
+(external item ids, oldest first; 1-D results, same padding), so a request's own history or events observed
+since training change the answer without retraining. Item ids outside the catalogue are skipped; an empty
+history gets the popularity fallback. ``stored_history(user_id)`` is the history the retriever holds for a
+user, in that form; ``popular_items(k)`` is the fallback list itself.
+
 The model (factors or towers), its training and its serving are separate: a subclass only says how it
 learns item vectors and how it turns a user into a query vector; this class owns the FAISS index, the
 seen-item mask and the fallback.
@@ -21,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from data.dataset import Interactions, to_csr
+from data.dataset import ITEM, TIME, USER, Interactions, to_csr
 from data.errors import ArtifactError, DataValidationError, NotFittedError
 from data.io import atomic_path, file_checksums, library_versions, read_manifest, write_manifest
 from data.vocab import IdVocab
@@ -54,9 +60,56 @@ def as_user_array(user_ids: Any) -> tuple[np.ndarray, bool]:
 
 
 def check_k(k: Any) -> int:
+    """``k`` as an int; raises :class:`DataValidationError` unless it is a positive integer."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise DataValidationError(f"k must be a positive integer, got {k!r}")
     return int(k)
+
+
+def as_history(history: Any, name: str = "history") -> np.ndarray:
+    """One user's history (external item ids, oldest first) as an int64 1-D array; ``None`` is empty."""
+    if history is None:
+        return np.empty(0, dtype=np.int64)
+    values = np.asarray(history)
+    if values.ndim != 1:
+        raise DataValidationError(
+            f"{name} must be a 1-D list of item ids (one user, oldest first), got shape {values.shape}; "
+            "call once per user"
+        )
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        as_int = values.astype(np.int64) if values.dtype.kind == "f" else None
+        if as_int is None or not np.array_equal(as_int, values):
+            raise DataValidationError(f"{name} must hold integer item ids, got {values[:3].tolist()}")
+        values = as_int
+    return values.astype(np.int64, copy=False)
+
+
+def known_rows(items: IdVocab, history: np.ndarray) -> np.ndarray:
+    """Catalogue rows of the ids in ``history`` that are in ``items`` (order kept, unknown ids skipped)."""
+    if history.size == 0:
+        return np.empty(0, dtype=np.int64)
+    rows = items.rows(history, missing="ignore")
+    if (rows < 0).any():
+        log.debug("skipping %d item ids outside the catalogue", int((rows < 0).sum()))
+    return rows[rows >= 0]
+
+
+def seen_matrix(frame: Any, users: IdVocab, items: IdVocab) -> sp.csr_matrix:
+    """The binary user x item matrix of :func:`~data.dataset.to_csr`, but each row's item columns in time
+    order (of the item's latest event, ties by item id), so the seen masks also keep the history's order
+    (:meth:`EmbeddingRetriever.stored_history`). CSR rows need not be sorted for row slicing and search."""
+    f = frame.sort_values([TIME, ITEM], kind="stable")
+    rows = users.rows(f[USER].to_numpy())
+    cols = items.rows(f[ITEM].to_numpy())
+    key = rows * len(items) + cols
+    _, last_from_end = np.unique(key[::-1], return_index=True)
+    keep = np.sort(key.size - 1 - last_from_end)  # each (user, item) once, at its latest event, in time order
+    rows, cols = rows[keep], cols[keep]
+    order = np.argsort(rows, kind="stable")
+    rows, cols = rows[order], cols[order]
+    indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(users)), out=indptr[1:])
+    return sp.csr_matrix((np.ones(cols.size, dtype=np.float32), cols, indptr), shape=(len(users), len(items)))
 
 
 class Retriever(ABC):
@@ -82,6 +135,45 @@ class Retriever(ABC):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` items per user; see the module docstring."""
 
+    @abstractmethod
+    def popular_items(self, k: int, *, exclude: Any = None, allow: Any = None,
+                      deny: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most popular items as 1-D ``(ids, scores)``: the cold-start answer. ``exclude`` are item
+        ids left out (like ``deny``; unknown ids are ignored)."""
+
+    @abstractmethod
+    def stored_history(self, user_id: int) -> np.ndarray:
+        """The history the retriever holds for ``user_id``: external item ids, oldest first; empty for an
+        unknown user."""
+
+    def retrieve_history(
+        self,
+        history: Any,
+        k: int,
+        *,
+        exclude_seen: bool = True,
+        allow: Any = None,
+        deny: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` 1-D ``(item_ids, scores)`` for one user's explicit ``history`` (external item ids, oldest
+        first); ``exclude_seen`` leaves the history's items out. See the module docstring.
+
+        This default is for models that cannot read a history: the popularity fallback
+        (:meth:`popular_items`) with the history's items excluded when ``exclude_seen``. Models that can
+        (the embedding retrievers, the hybrid) override it.
+        """
+        k = check_k(k)
+        values = as_history(history)
+        return self.popular_items(k, exclude=values if exclude_seen else None, allow=allow, deny=deny)
+
+    def item_embeddings(self) -> tuple[np.ndarray, IdVocab] | None:
+        """``(vectors, items)``: an ``(n_items, d)`` item embedding whose cosine similarity says which
+        items are alike (for explanations), or ``None`` when the model has none (this default)."""
+        return None
+
+    def set_threads(self, threads: int) -> None:
+        """Serve with ``threads`` CPU threads (model and index); this default changes nothing."""
+
     @property
     @abstractmethod
     def history_fingerprint(self) -> str:
@@ -92,7 +184,9 @@ class EmbeddingRetriever(Retriever):
     """A retriever that scores items by the inner product of a user vector and item vectors.
 
     Subclasses implement :meth:`_learn` (item vectors and stored user vectors from the user x item
-    matrix) and may override :meth:`user_vectors` (the two-tower model computes them from history).
+    matrix) and may override :meth:`user_vectors` (the two-tower model computes them from history) and
+    :meth:`history_query` (the query vector of an explicit history: a fold-in; without one,
+    :meth:`retrieve_history` gives popular items).
     """
 
     #: The subclass's typed config class (its default instance is used when no config is given).
@@ -119,7 +213,7 @@ class EmbeddingRetriever(Retriever):
         self.users = data.user_vocab()
         self.items = items if items is not None else data.item_vocab()
         matrix = to_csr(data.frame, self.users, self.items)
-        self.seen = matrix
+        self.seen = seen_matrix(data.frame, self.users, self.items)
         self.popularity = np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32)
         self._fingerprint = data.fingerprint()
         user_factors, item_factors = self._learn(matrix)
@@ -135,10 +229,9 @@ class EmbeddingRetriever(Retriever):
         computed from the history (the two-tower) also update their sequences. Users not in the
         vocabulary are ignored (they keep the cold-start fallback).
         """
-        if self.index is None:
-            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before set_history()")
+        self._check_fitted("set_history")
         known = data.frame[data.frame["user_id"].isin(self.users.ids) & data.frame["item_id"].isin(self.items.ids)]
-        self.seen = to_csr(known, self.users, self.items)
+        self.seen = seen_matrix(known, self.users, self.items)
         self._fingerprint = data.fingerprint()
         return self
 
@@ -164,6 +257,10 @@ class EmbeddingRetriever(Retriever):
     def history_fingerprint(self) -> str:
         return self._fingerprint
 
+    def _check_fitted(self, method: str) -> None:
+        if self.index is None:
+            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before {method}()")
+
     # ---- serving --------------------------------------------------------------------------------
     def user_vectors(self, user_rows: np.ndarray) -> np.ndarray:
         """Query vectors for known user rows."""
@@ -178,8 +275,7 @@ class EmbeddingRetriever(Retriever):
         return np.asarray(user_rows) >= 0
 
     def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
-        if self.index is None:
-            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before retrieve()")
+        self._check_fitted("retrieve")
         k = check_k(k)
         ids, scalar = as_user_array(user_ids)
         rows = self.users.rows(ids, missing="ignore")
@@ -207,6 +303,60 @@ class EmbeddingRetriever(Retriever):
         """The ``k`` most popular items for ``n`` rows: the cold-start answer (``exclude_rows`` per row)."""
         queries = np.ones((n, 1), dtype=np.float32)
         return self._fallback.search(queries, check_k(k), exclude_rows=exclude_rows, allow=allow, deny=deny)
+
+    def popular_items(self, k, *, exclude=None, allow=None, deny=None):
+        self._check_fitted("popular_items")
+        rows = known_rows(self.items, as_history(exclude, "exclude"))
+        ids, scores = self.popular(1, k, exclude_rows=[rows] if rows.size else None, allow=allow, deny=deny)
+        return ids[0], scores[0]
+
+    def history_query(self, item_rows: np.ndarray) -> np.ndarray | None:
+        """The query vector ``(dim,)`` of a history of catalogue rows (non-empty, oldest first), or ``None``
+        when the model cannot read a history (this default: :meth:`retrieve_history` then falls back to
+        popular items, as :meth:`Retriever.retrieve_history` documents)."""
+        return None
+
+    def retrieve_history(self, history, k, *, exclude_seen=True, allow=None, deny=None):
+        """Top-``k`` 1-D ``(item_ids, scores)`` for one user's explicit history (external item ids, oldest
+        first): the index searched with :meth:`history_query`'s vector, the history's items excluded when
+        ``exclude_seen``. Unknown item ids are skipped; an empty history, or a model without a history
+        query, gets the popularity fallback."""
+        self._check_fitted("retrieve_history")
+        k = check_k(k)
+        rows = known_rows(self.items, as_history(history))
+        query = self.history_query(rows) if rows.size else None
+        exclude = [np.unique(rows)] if exclude_seen and rows.size else None
+        if query is None:
+            ids, scores = self.popular(1, k, exclude_rows=exclude, allow=allow, deny=deny)
+        else:
+            query = np.asarray(query, dtype=np.float32).reshape(1, -1)
+            ids, scores = self.index.search(query, k, exclude_rows=exclude, allow=allow, deny=deny)
+        return ids[0], scores[0]
+
+    def stored_history(self, user_id: int) -> np.ndarray:
+        """The user's seen items, oldest first (each item once, at its latest event; a model saved before
+        the masks kept time order gives catalogue order); empty for an unknown user."""
+        self._check_fitted("stored_history")
+        if user_id not in self.users:
+            return np.empty(0, dtype=np.int64)
+        return self.items.external(self.seen_rows(self.users.row(int(user_id))))
+
+    def item_embeddings(self) -> tuple[np.ndarray, IdVocab] | None:
+        """The item factors when they have more than one dimension (popularity's 1-D counts say nothing
+        about similarity)."""
+        if self.item_factors is None or self.item_factors.ndim != 2 or self.item_factors.shape[1] < 2:
+            return None
+        return self.item_factors, self.items
+
+    def set_threads(self, threads: int) -> None:
+        """Use ``threads`` for the model (when its config has ``threads``) and the FAISS indexes."""
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise DataValidationError(f"threads must be a positive integer, got {threads!r}")
+        if hasattr(self.config, "threads"):
+            self.config = dataclasses.replace(self.config, threads=int(threads))
+        for index in (self.index, self._fallback):
+            if index is not None:
+                index.config = dataclasses.replace(index.config, threads=int(threads))
 
     # ---- persistence ----------------------------------------------------------------------------
     def _extra_tensors(self) -> dict[str, np.ndarray]:

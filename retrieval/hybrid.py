@@ -12,7 +12,9 @@ rank, then by item id. The method, ``rrf_k`` and the weights are chosen on valid
 which components found it, with their scores and ranks (features for the reranker).
 
 The retrieve contract is the one of :class:`~retrieval.base.Retriever` (scalar -> 1-D, array -> 2-D,
-padding ``-1``/``-inf``; unknown users get each component's fallback).
+padding ``-1``/``-inf``; unknown users get each component's fallback). An explicit history
+(:meth:`HybridRetriever.retrieve_history`) is fused the same way from each component's
+``retrieve_history`` list.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from data.io import atomic_path, library_versions, read_manifest, write_manifest
 from data.metrics import evaluate_rankings
 from data.protocol import Split
 from data.vocab import IdVocab
-from retrieval.base import Retriever, as_user_array, check_k
+from retrieval.base import Retriever, as_history, as_user_array, check_k, known_rows
 
 HYBRID_KIND = "hybrid_retriever"
 _METHODS = ("rrf", "score")
@@ -118,6 +120,12 @@ class _Lists:
 
     ids: np.ndarray
     scores: np.ndarray
+
+    @classmethod
+    def stack(cls, results: Sequence[tuple[np.ndarray, np.ndarray]]) -> _Lists:
+        """One ``(ids, scores)`` result per component, each ``(n, D)`` (or ``(D,)`` for one user)."""
+        return cls(ids=np.stack([np.atleast_2d(ids) for ids, _ in results], axis=1),
+                   scores=np.stack([np.atleast_2d(scores) for _, scores in results], axis=1))
 
 
 def _normalised(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -266,19 +274,55 @@ class HybridRetriever(Retriever):
         return max(k, math.ceil(self.config.depth_factor * k))
 
     def _lists(self, ids: np.ndarray, depth: int, exclude_seen: bool, allow: Any, deny: Any) -> _Lists:
-        got = [comp.retrieve(ids, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
-               for comp in self.components.values()]
-        return _Lists(ids=np.stack([g[0] for g in got], axis=1), scores=np.stack([g[1] for g in got], axis=1))
+        return _Lists.stack([comp.retrieve(ids, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
+                             for comp in self.components.values()])
+
+    def _fuse(self, lists: _Lists, k: int, provenance: bool = False) -> tuple[np.ndarray, ...]:
+        """:func:`fuse` with this hybrid's method, weights and ``rrf_k``."""
+        return fuse(lists, k, method=self.config.method, weights=self.weights, rrf_k=self.config.rrf_k,
+                    provenance=provenance)
 
     def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
         k = check_k(k)
         ids, scalar = as_user_array(user_ids)
-        lists = self._lists(ids, self.depth(k), exclude_seen, allow, deny)
-        out_ids, out_scores, _, _ = fuse(lists, k, method=self.config.method, weights=self.weights,
-                                         rrf_k=self.config.rrf_k)
+        out_ids, out_scores, _, _ = self._fuse(self._lists(ids, self.depth(k), exclude_seen, allow, deny), k)
         if scalar:
             return out_ids[0], out_scores[0]
         return out_ids, out_scores
+
+    def retrieve_history(self, history, k, *, exclude_seen=True, allow=None, deny=None):
+        """Top-``k`` 1-D ``(item_ids, scores)`` for one explicit history: each component's
+        ``retrieve_history`` list of depth :meth:`depth`, fused like :meth:`retrieve`. A history with no
+        catalogue item gets :meth:`popular_items`."""
+        k = check_k(k)
+        values = as_history(history)
+        if known_rows(self.items, values).size == 0:
+            return self.popular_items(k, exclude=values if exclude_seen else None, allow=allow, deny=deny)
+        depth = self.depth(k)
+        lists = _Lists.stack([comp.retrieve_history(values, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
+                              for comp in self.components.values()])
+        out_ids, out_scores, _, _ = self._fuse(lists, k)
+        return out_ids[0], out_scores[0]
+
+    def popular_items(self, k, *, exclude=None, allow=None, deny=None):
+        """The first component's popularity fallback (the components share the training events)."""
+        return next(iter(self.components.values())).popular_items(k, exclude=exclude, allow=allow, deny=deny)
+
+    def stored_history(self, user_id: int) -> np.ndarray:
+        """The longest of the components' stored histories for ``user_id`` (the components share one
+        history, but the two-tower keeps every event while seen masks keep each item once), the first on
+        ties; empty for an unknown user."""
+        histories = [comp.stored_history(user_id) for comp in self.components.values()]
+        return max(histories, key=len)
+
+    def item_embeddings(self) -> tuple[np.ndarray, IdVocab] | None:
+        """The first component's item embedding that has one (component order)."""
+        return next((e for e in (c.item_embeddings() for c in self.components.values()) if e is not None), None)
+
+    def set_threads(self, threads: int) -> None:
+        """Give every component ``threads``."""
+        for comp in self.components.values():
+            comp.set_threads(threads)
 
     def candidates(self, user_ids: Any, k: int, *, exclude_seen: bool = True, allow: Any = None,
                    deny: Any = None) -> Candidates:
@@ -286,8 +330,7 @@ class HybridRetriever(Retriever):
         k = check_k(k)
         ids, scalar = as_user_array(user_ids)
         lists = self._lists(ids, self.depth(k), exclude_seen, allow, deny)
-        out_ids, out_scores, comp_scores, comp_ranks = fuse(
-            lists, k, method=self.config.method, weights=self.weights, rrf_k=self.config.rrf_k, provenance=True)
+        out_ids, out_scores, comp_scores, comp_ranks = self._fuse(lists, k, provenance=True)
         if scalar:
             out_ids, out_scores, comp_scores, comp_ranks = out_ids[0], out_scores[0], comp_scores[0], comp_ranks[0]
         return Candidates(item_ids=out_ids, scores=out_scores, sources=self.sources,

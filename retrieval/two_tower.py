@@ -31,7 +31,7 @@ from data.dataset import ITEM, TIME, USER, Interactions, sequences
 from data.errors import ArtifactError, DataValidationError, NotFittedError
 from data.protocol import Split
 from data.vocab import IdVocab
-from retrieval.base import EmbeddingRetriever, check_k
+from retrieval.base import EmbeddingRetriever
 from retrieval.index import IndexConfig
 from retrieval.item_features import (
     BUNDLED_MINILM,
@@ -384,28 +384,16 @@ class TwoTowerRetriever(EmbeddingRetriever):
         """Known users with a non-empty history; the rest get the popularity fallback."""
         return np.array([r >= 0 and self._sequences[r].size > 0 for r in user_rows], dtype=bool)
 
-    def retrieve_history(self, item_ids: Any, k: int, *, exclude_seen: bool = True, allow: Any = None,
-                         deny: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` ``(item_ids, scores)`` (1-D) for a raw history of external item ids in time order.
+    def history_query(self, item_rows: np.ndarray) -> np.ndarray:
+        """The query tower's vector of a history of item rows (time order; the last ``max_len`` are read)."""
+        return self.encode_histories([np.asarray(item_rows, dtype=np.int64)])[0]
 
-        Unknown item ids are skipped; an empty (or all-unknown) history gets the popularity fallback.
-        ``exclude_seen`` removes the history's items from the results.
-        """
-        if self.index is None:
-            raise NotFittedError(f"{type(self).__name__}: call fit() or load() before retrieve_history()")
-        k = check_k(k)
-        values = np.atleast_1d(np.asarray(item_ids if item_ids is not None else [], dtype=np.int64))
-        rows = self.items.rows(values, missing="ignore") if values.size else np.empty(0, np.int64)
-        if (rows < 0).any():
-            log.debug("retrieve_history: skipping %d unknown item ids", int((rows < 0).sum()))
-        rows = rows[rows >= 0]
-        exclude = [np.unique(rows)] if exclude_seen else None
-        if rows.size == 0:
-            got_ids, got_scores = self.popular(1, k, exclude_rows=exclude, allow=allow, deny=deny)
-        else:
-            got_ids, got_scores = self.index.search(self.encode_histories([rows]), k, exclude_rows=exclude,
-                                                    allow=allow, deny=deny)
-        return got_ids[0], got_scores[0]
+    def stored_history(self, user_id: int) -> np.ndarray:
+        """The user's sequence (every event, oldest first) as the query tower reads it; empty if unknown."""
+        self._check_fitted("stored_history")
+        if user_id not in self.users:
+            return np.empty(0, dtype=np.int64)
+        return self.items.external(self._sequences[self.users.row(int(user_id))])
 
     def query_latency_ms(self, n_users: int = 200, *, seed: int = 0) -> dict[str, float]:
         """Per-user query-tower latency (ms) over ``n_users`` random known users, one at a time:

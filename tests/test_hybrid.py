@@ -123,6 +123,59 @@ def test_tuning_is_at_least_as_good_as_every_component_on_validation(retriever, 
         assert tuned >= alone - 1e-12
 
 
+# --------------------------------------------------------------------------------------------- histories
+def test_retrieve_history_fuses_each_components_history_list(retriever, split):
+    history = retriever.stored_history(int(split.users.ids[0]))[:-2]
+    ids, scores = retriever.retrieve_history(history, 10)
+    depth = retriever.depth(10)
+    got = [c.retrieve_history(history, depth) for c in retriever.components.values()]
+    want_ids, want_scores, _, _ = fuse(lists([[g[0] for g in got]], [[g[1] for g in got]]), 10,
+                                       method=retriever.config.method, weights=retriever.weights,
+                                       rrf_k=retriever.config.rrf_k)
+    assert ids.shape == scores.shape == (10,)
+    np.testing.assert_array_equal(ids, want_ids[0])
+    np.testing.assert_allclose(scores, want_scores[0], rtol=1e-6)
+    assert not set(history.tolist()) & set(ids.tolist())
+
+
+def test_own_history_mostly_agrees_with_retrieve(retriever, components, split):
+    """ALS folds the history in with an exact solve while its stored vectors come from conjugate-gradient
+    sweeps, so the lists differ a little (popularity's agree exactly): high overlap, not equality."""
+    overlap = []
+    for user in split.users.ids[:60]:
+        history = retriever.stored_history(int(user))
+        assert history.tolist() == components["als"].stored_history(int(user)).tolist()
+        pop_ids, _ = components["popularity"].retrieve_history(history, 10)
+        np.testing.assert_array_equal(pop_ids, components["popularity"].retrieve(int(user), 10)[0])
+        ids, _ = retriever.retrieve_history(history, 10)
+        overlap.append(len(set(ids.tolist()) & set(retriever.retrieve(int(user), 10)[0].tolist())) / 10)
+    assert np.mean(overlap) >= 0.85, np.mean(overlap)
+
+
+def test_appending_to_a_history_changes_the_fused_list(retriever, split):
+    history = retriever.stored_history(int(split.users.ids[1]))
+    before, _ = retriever.retrieve_history(history, 10)
+    after, _ = retriever.retrieve_history(np.r_[history, before[0]], 10)
+    assert before[0] not in after and not np.array_equal(before, after)
+
+
+def test_empty_or_unknown_history_gets_popular_items_with_padding(retriever, split):
+    n = len(split.items)
+    popular, popular_scores = retriever.popular_items(n + 5)
+    np.testing.assert_array_equal(popular, retriever.components["als"].popular_items(n + 5)[0])
+    assert (popular[:n] != -1).all() and (popular[n:] == -1).all() and np.isneginf(popular_scores[n:]).all()
+    for history in ([], [10**9]):
+        ids, scores = retriever.retrieve_history(history, n + 5)
+        np.testing.assert_array_equal(ids, popular)
+        np.testing.assert_array_equal(scores, popular_scores)
+    history = retriever.stored_history(int(split.users.ids[0]))
+    ids, scores = retriever.retrieve_history(history, n + 5)
+    seen = np.unique(history).size
+    assert ids.shape == scores.shape == (n + 5,)
+    assert (ids[: n - seen] != -1).all() and (ids[n - seen:] == -1).all() and np.isneginf(scores[n - seen:]).all()
+    assert retriever.stored_history(10**9).size == 0
+
+
 def test_set_history_moves_every_component_and_test_stage_evaluates(components, split):
     hybrid = HybridRetriever(dict(components), QUICK)
     with pytest.raises(DataValidationError):

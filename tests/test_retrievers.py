@@ -135,6 +135,74 @@ class RetrieverContract:
         # 20 items: HNSW finds the exact top scores (compared by score: popularity has ties)
         np.testing.assert_allclose(ann_scores, exact_scores, rtol=1e-5)
 
+    # ---- explicit histories (retrieve_history, stored_history, popular_items) ----------------------------
+    def test_stored_history_is_the_users_events_oldest_first(self, fitted, block_events, tmp_path):
+        frame = block_events.frame.sort_values("timestamp")
+        for user in (1, 30):
+            expected = frame.loc[frame["user_id"] == user, "item_id"].tolist()
+            assert fitted.stored_history(user).tolist() == expected
+        assert fitted.stored_history(424242).size == 0
+        loaded = load_retriever(fitted.save(tmp_path / "m"))  # the order survives save/load
+        assert loaded.stored_history(1).tolist() == fitted.stored_history(1).tolist()
+
+    def test_own_history_gives_the_users_answer(self, fitted):
+        """Popularity ignores the user, so its history answer equals retrieve exactly. CF folds the history
+        in (ALS: exact solve, BPR: mean factor), whose vector differs a little from the trained one, so the
+        invariant is the known answer: first come the user's unseen in-block items, the set retrieve gives."""
+        for user in (1, 5, 30):
+            history = fitted.stored_history(user)
+            ids, scores = fitted.retrieve_history(history, 6)
+            want_ids, want_scores = fitted.retrieve(user, 6)
+            if not self.learns_taste:
+                np.testing.assert_array_equal(ids, want_ids)
+                np.testing.assert_array_equal(scores, want_scores)
+                continue
+            block = 100 if user <= 20 else 200
+            unseen = set(range(block, block + 10)) - set(history.tolist())  # 4 (5 for user 30)
+            assert set(ids[:len(unseen)].tolist()) == unseen
+            if user != 5:  # retrieve's own known answer holds for users 1 and 30 (BPR's user 5 misses one)
+                assert set(want_ids[:len(unseen)].tolist()) == unseen
+
+    def test_the_history_not_the_stored_user_decides(self, fitted):
+        history = fitted.stored_history(1)
+        before, _ = fitted.retrieve_history(history, 6)
+        appended = int(before[4])
+        after, _ = fitted.retrieve_history(np.r_[history, appended], 6)
+        assert appended not in after and not np.array_equal(before, after)
+        if not self.learns_taste:
+            return
+        # items of block 200 in the history raise the score of their unseen block-mates
+        _, alone = fitted.retrieve_history(history, 1, allow=[206])
+        _, mixed = fitted.retrieve_history(np.r_[history, 200:206], 1, allow=[206])
+        assert mixed[0] > alone[0] + 0.1
+        # a history of block-200 items only (no user has it) gets block-200 items first
+        ids, _ = fitted.retrieve_history([200, 201, 202], 3)
+        assert all(200 <= i < 210 for i in ids), ids
+
+    def test_empty_or_unknown_history_gets_popular_items_with_1d_padding(self, fitted):
+        popular, popular_scores = fitted.popular_items(25)
+        assert popular.shape == popular_scores.shape == (25,)
+        for history in ([], np.array([], dtype=np.int64), [10**9], None):
+            ids, scores = fitted.retrieve_history(history, 25)
+            np.testing.assert_array_equal(ids, popular)
+            np.testing.assert_array_equal(scores, popular_scores)
+        np.testing.assert_array_equal(popular, fitted.retrieve(424242, 25)[0])
+        assert (popular[:20] != -1).all() and (popular[20:] == -1).all() and np.isneginf(popular_scores[20:]).all()
+        assert 100 not in fitted.popular_items(3, exclude=[100, 10**9])[0]
+        ids, scores = fitted.retrieve_history(fitted.stored_history(1), 30)  # 20 items, 6 in the history
+        assert ids.shape == scores.shape == (30,) and ids.dtype == np.int64 and scores.dtype == np.float32
+        assert (ids[:14] != -1).all() and (ids[14:] == -1).all() and np.isneginf(scores[14:]).all()
+        kept, _ = fitted.retrieve_history(fitted.stored_history(1), 30, exclude_seen=False)
+        assert (kept[:20] != -1).all() and set(fitted.stored_history(1).tolist()) <= set(kept.tolist())
+        denied, _ = fitted.retrieve_history([100], 5, deny=[200])
+        assert not {100, 200} & set(denied.tolist())
+        with pytest.raises(DataValidationError, match="1-D"):
+            fitted.retrieve_history([[100, 101]], 3)
+        with pytest.raises(DataValidationError, match="k must be"):
+            fitted.retrieve_history([100], 0)
+        with pytest.raises(NotFittedError):
+            self.make().retrieve_history([100], 3)
+
 
 class TestPopularity(RetrieverContract):
     learns_taste = False
@@ -146,6 +214,19 @@ class TestPopularity(RetrieverContract):
 class TestALS(RetrieverContract):
     def make(self):
         return ALSRetriever(ALSConfig(factors=2, iterations=15, regularization=0.1, alpha=5.0))  # true rank 2
+
+    def test_fold_in_solves_the_als_normal_equations(self, fitted):
+        """The folded-in vector u of history H is the ALS user solve (implicit gives an event confidence
+        alpha): (YᵀY + λI + (alpha-1) Σ_H y yᵀ) u = alpha Σ_H y; a repeated item counts once."""
+        c = fitted.config
+        rows = fitted.items.rows([100, 101, 205, 101])
+        u = fitted.history_query(rows)
+        y = fitted.item_factors.astype(np.float64)
+        h = y[np.unique(rows)]
+        a = y.T @ y + c.regularization * np.eye(y.shape[1]) + (c.alpha - 1) * h.T @ h
+        np.testing.assert_allclose(u, np.linalg.solve(a, c.alpha * h.sum(axis=0)), rtol=1e-4, atol=1e-5)
+        _, scores = fitted.retrieve_history([100, 101, 205, 101], 19, exclude_seen=False)
+        np.testing.assert_allclose(np.sort(y @ u)[::-1][:19], scores, rtol=1e-4, atol=1e-5)
 
 
 class TestBPR(RetrieverContract):
