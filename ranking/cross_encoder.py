@@ -19,6 +19,7 @@ silently re-initialised; a manifest that does not match the tensors raises
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections import OrderedDict
@@ -33,7 +34,7 @@ from data.dataset import ITEM, USER, Interactions
 from data.errors import ArtifactError, ConfigError, DataValidationError
 from data.io import atomic_path, file_checksums, library_versions, read_manifest, write_manifest
 from data.vocab import IdVocab
-from ranking.backends import ScoringBackend, TorchBackend
+from ranking.backends import ScoringBackend, TorchBackend, make_backend
 from ranking.config import RankerConfig
 from ranking.encoder import CrossEncoder, encoder_from_config, load_base
 from ranking.inputs import candidate_batch, history_batch, length_buckets, pairwise_batch
@@ -106,6 +107,18 @@ class CrossEncoderRanker:
         tokens = ItemTokens.build(item_table, items, tokenizer, config.text)
         return cls(model, tokens, config, encoder_config=encoder.config.to_dict(), tokenizer=tokenizer,
                    device=device)
+
+    def with_backend(self, name: str, *, threads: int = 0, device: str = "cpu",
+                     cache_dir: str | Path | None = None) -> CrossEncoderRanker:
+        """A ranker sharing this one's model, tokens, config and histories but scoring with backend ``name``
+        (see :func:`ranking.backends.make_backend`; ``threads`` 0 means ``config.threads``), with its own
+        empty KV cache (cached states are backend specific). This ranker is unchanged."""
+        ranker = copy.copy(self)
+        ranker.backend = make_backend(name, self.model, threads=threads or self.config.threads, device=device,
+                                      cache_dir=cache_dir)
+        ranker._cache = OrderedDict()
+        ranker.cache_hits = ranker.cache_misses = 0
+        return ranker
 
     @property
     def items(self) -> IdVocab:
