@@ -73,8 +73,9 @@ class RankerConfig(JsonConfig):
         text: how items become tokens.
         kv_cache_users: users whose history keys/values the one-pass mode keeps (LRU); 0 disables.
         batch_size: sequences per forward pass in batched (offline) scoring.
-        bucket_size: candidates per forward pass of one request, after sorting them by token length (rows
-            of similar length pad little).
+        bucket_size: pairwise mode: candidates per forward pass of one request, after sorting them by token
+            length (rows of similar length pad little). The one-pass mode scores up to
+            ``max(bucket_size, 256)`` candidates of one request in a single pass (one history, no copies).
         threads: ``torch.set_num_threads`` for scoring; 0 leaves torch's setting alone.
     """
 

@@ -53,6 +53,10 @@ def _is_user_id(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+#: Most candidates of one one-pass request scored in a single forward pass.
+ONE_PASS_MAX_BUCKET = 256
+
+
 class CrossEncoderRanker:
     """Scores and reranks candidate items for a user's history; see the module docstring.
 
@@ -196,7 +200,11 @@ class CrossEncoderRanker:
         pad = self.tokens.special.pad
         candidates = self.tokens.candidates(rows)
         out = np.empty(rows.size, dtype=np.float32)
-        buckets = length_buckets([c.size for c in candidates], batch_size or self.config.bucket_size)
+        # One-pass: the candidates of one request share a single history, and one forward pass over all
+        # of them is fastest (measured at M=50); ``ONE_PASS_MAX_BUCKET`` only bounds memory.
+        default = self.config.bucket_size if self.mode == "pairwise" else max(self.config.bucket_size,
+                                                                              ONE_PASS_MAX_BUCKET)
+        buckets = length_buckets([c.size for c in candidates], batch_size or default)
         if self.mode == "pairwise":
             for index in buckets:
                 batch = pairwise_batch([history_ids] * index.size, [candidates[i] for i in index], pad)

@@ -20,6 +20,10 @@ Modes (see :mod:`ranking.inputs` for the tensors):
   form. The history runs once and leaves its per-layer keys and values (:class:`HistoryState`); every
   candidate then attends to those and to its own tokens only, at positions that restart after the history,
   and is scored from the mean of its own final states;
+* :meth:`CrossEncoder.score_shared`: the split form's candidate pass when every candidate shares ONE
+  history (the online case; :meth:`CrossEncoder.score_candidates` takes it at inference): each candidate
+  token's scores against the history are one dense product over all candidates, against its own candidate
+  a small batched one, joined in one softmax, so no candidate gets a copy of the history's keys/values;
 * :meth:`CrossEncoder.score_packed`: the same one-pass scores from a single block-masked sequence.
 """
 
@@ -171,9 +175,12 @@ class CrossEncoder(nn.Module):
             self.head = nn.Sequential(nn.Linear(self.hidden, 1))
 
     # ---- the functional BERT forward ------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Word + token type + position embeddings, LayerNorm and dropout (BertEmbeddings' order)."""
-        if position_ids.numel() and int(position_ids.max()) >= self.max_positions:
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor, *,
+              check: bool = True) -> torch.Tensor:
+        """Word + token type + position embeddings, LayerNorm and dropout (BertEmbeddings' order).
+
+        ``check`` raises :class:`ConfigError` on a position past the encoder's (a host sync; off for export)."""
+        if check and position_ids.numel() and int(position_ids.max()) >= self.max_positions:
             raise ConfigError(
                 f"a sequence reaches position {int(position_ids.max())} but the encoder has "
                 f"{self.max_positions} positions; lower TextConfig.history_tokens or item_tokens"
@@ -255,22 +262,75 @@ class CrossEncoder(nn.Module):
 
         ``owner[n]`` is the history row of candidate ``n`` (default: all row 0). Candidate ``n`` attends to
         its history's keys/values and its own tokens, at positions ``lengths[owner[n]] + 0, 1, ...``.
+        A single shared history (``state.batch == 1`` or no ``owner``) outside training runs
+        :meth:`score_shared`, which never copies the history's keys/values per candidate.
         """
         n = ids.shape[0]
+        shared = state.batch == 1 or owner is None
+        if shared and not self.training and state.keys and state.keys[0].shape[2] > 0:
+            positions = state.lengths[0] + torch.arange(ids.shape[1], device=ids.device).expand(n, -1)
+            return self.score_shared(state.keys, state.values, state.mask[:1], ids, mask, positions)
         if owner is None:
             owner = torch.zeros(n, dtype=torch.long, device=ids.device)
-        shared = state.batch == 1
         start = state.lengths[0].expand(n) if shared else state.lengths[owner]
         positions = start[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]
         x = self.embed(ids, torch.ones_like(ids), positions)
-        history_mask = state.mask.expand(n, -1) if shared else state.mask[owner]
+        history_mask = state.mask[:1].expand(n, -1) if shared else state.mask[owner]
         bias = self.key_bias(torch.cat([history_mask, mask], dim=1), x.dtype)
         if shared:
-            past = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in zip(state.keys, state.values)]
+            past = [(k[:1].expand(n, -1, -1, -1), v[:1].expand(n, -1, -1, -1)) for k, v in zip(state.keys, state.values)]
         else:
             past = [(k[owner], v[owner]) for k, v in zip(state.keys, state.values)]
         hidden, _, _ = self.encode(x, bias, past)
         return self.score_head(self.mean_pool(hidden, mask))
+
+    def score_shared(self, keys: list[torch.Tensor], values: list[torch.Tensor], history_mask: torch.Tensor,
+                     ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *,
+                     check: bool = True) -> torch.Tensor:
+        """``(N,)`` scores of candidate rows ``ids``/``mask`` ``(N, Lc)`` that all share ONE history: the
+        online case (inference only; no attention dropout).
+
+        ``keys``/``values`` are per layer ``(1, heads, Lh, head_dim)``, ``history_mask`` ``(1, Lh)`` bool with
+        at least one real token, ``positions`` ``(N, Lc)``. The same scores as :meth:`score_candidates` with
+        the history broadcast, but no candidate gets a copy of the history's keys/values: every candidate
+        token's scores against the history are one dense ``(heads, N*Lc, Lh)`` product, its scores against its
+        own candidate a small ``(heads, N, Lc, Lc)`` one, and the two share one softmax (see
+        :meth:`_shared_layer`). ``check=False`` skips the position range check (a host sync), for export.
+        """
+        x = self.embed(ids, torch.ones_like(ids), positions, check=check)
+        history_bias = self.key_bias(history_mask, x.dtype)  # (1, 1, 1, Lh)
+        own_bias = self.key_bias(mask, x.dtype).transpose(0, 1)  # (1, N, 1, Lc)
+        for i, layer in enumerate(self.bert.encoder.layer):
+            x = self._shared_layer(layer, x, keys[i][0], values[i][0], history_bias, own_bias)
+        return self.score_head(self.mean_pool(x, mask))
+
+    def _shared_layer(self, layer: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                      history_bias: torch.Tensor, own_bias: torch.Tensor) -> torch.Tensor:
+        """One layer of :meth:`score_shared`: ``x`` ``(N, Lc, H)``, ``past_k``/``past_v`` ``(heads, Lh, d)``.
+
+        Softmax over ``[history keys ; own keys]`` written out (one max, one sum over both parts) so the two
+        parts are never concatenated: ``out = (e_hist @ V_hist + e_own @ V_own) / (sum e_hist + sum e_own)``.
+        """
+        attn = layer.attention.self
+        n, length, _ = x.shape
+        heads, dim = self.n_heads, self.head_dim
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (N, Lc, H) -> (heads, N, Lc, d)
+            return t.view(n, length, heads, dim).permute(2, 0, 1, 3)
+
+        q = split(attn.query(x)) * (dim ** -0.5)
+        k, v = split(attn.key(x)), split(attn.value(x))
+        s_hist = torch.matmul(q.reshape(heads, n * length, dim), past_k.transpose(1, 2))
+        s_hist = s_hist.view(heads, n, length, -1) + history_bias  # (heads, N, Lc, Lh)
+        s_own = torch.matmul(q, k.transpose(2, 3)) + own_bias  # (heads, N, Lc, Lc)
+        top = torch.maximum(s_hist.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
+        e_hist, e_own = torch.exp(s_hist - top), torch.exp(s_own - top)
+        total = e_hist.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)
+        out = torch.matmul(e_hist.view(heads, n * length, -1), past_v).view(heads, n, length, dim)
+        out = (out + torch.matmul(e_own, v)) / total
+        out = out.permute(1, 2, 0, 3).reshape(n, length, self.hidden)
+        x = layer.attention.output(out, x)
+        return layer.output(layer.intermediate(x), x)
 
     def score_one_pass(self, batch: OnePassBatch) -> torch.Tensor:
         """``(N,)`` scores of every candidate of ``batch`` (histories run once each)."""

@@ -6,7 +6,12 @@
 * ``candidates.onnx``: ``candidate_ids``, ``candidate_mask``, ``position_ids`` ``(N, Lc)``, ``kv``
   ``(layers, 2, 1 or N, heads, Lh, head_dim)`` and ``history_mask`` ``(1 or N, Lh)`` -> ``scores`` ``(N,)``.
   The one-pass mode's positions and masks are ordinary inputs; a batch of 1 history is broadcast to every
-  candidate inside the graph, several histories are gathered per candidate row by the caller.
+  candidate inside the graph, several histories are gathered per candidate row by the caller;
+* ``shared.onnx``: the same inputs as ``candidates.onnx`` with ONE history (``kv`` ``(layers, 2, 1, heads,
+  Lh, head_dim)``, ``history_mask`` ``(1, Lh)``) -> ``scores`` ``(N,)``: the online case, computed as
+  :meth:`~ranking.encoder.CrossEncoder.score_shared` (every candidate token against the history in one dense
+  product; no per-candidate copy of the history's keys/values). :meth:`OnnxBackend.score_candidates` uses it
+  whenever every candidate row belongs to one history.
 
 Every axis but the layer/head ones is dynamic. Graphs are exported with the classic (TorchScript) exporter,
 opset 17; ``onnx-int8`` then applies ``onnxruntime.quantization.quantize_dynamic`` (int8 weights per
@@ -43,7 +48,9 @@ log = logging.getLogger(__name__)
 
 EXPORT_KIND = "onnx_cross_encoder"
 OPSET = 17
-GRAPHS = ("pairwise", "history", "candidates")
+GRAPHS = ("pairwise", "history", "candidates", "shared")
+#: The export's layout version (in the manifest): an export of another version is stale and re-exported.
+EXPORT_VERSION = 2
 
 
 def _onnxruntime() -> Any:
@@ -98,6 +105,17 @@ class _Candidates(nn.Module):
                                 candidate_mask, position_ids)
 
 
+class _Shared(nn.Module):
+    def __init__(self, model: CrossEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, candidate_ids: torch.Tensor, candidate_mask: torch.Tensor, position_ids: torch.Tensor,
+                kv: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.score_shared(list(kv[:, 0]), list(kv[:, 1]), history_mask, candidate_ids,
+                                       candidate_mask, position_ids, check=False)
+
+
 def _example_inputs(model: CrossEncoder) -> dict[str, tuple[torch.Tensor, ...]]:
     layers, heads = len(model.bert.encoder.layer), model.n_heads
     ids = torch.full((2, 7), 5, dtype=torch.long)
@@ -111,6 +129,9 @@ def _example_inputs(model: CrossEncoder) -> dict[str, tuple[torch.Tensor, ...]]:
         "history": (ids, mask),
         "candidates": (ids[:, :4].repeat(3, 1)[:3], mask[:, :4].repeat(3, 1)[:3],
                        torch.arange(6, 10).expand(3, 4).contiguous(), kv, torch.ones(3, 6, dtype=torch.bool)),
+        "shared": (ids[:, :4].repeat(3, 1)[:3], mask[:, :4].repeat(3, 1)[:3],
+                   torch.arange(6, 10).expand(3, 4).contiguous(), kv[:, :, :1].contiguous(),
+                   torch.tensor([[True] * 5 + [False]])),
     }
 
 
@@ -126,6 +147,10 @@ _NAMES = {
                     "candidate_mask": {0: "candidates", 1: "length"},
                     "position_ids": {0: "candidates", 1: "length"}, "kv": {2: "kv_batch", 4: "history"},
                     "history_mask": {0: "kv_batch", 1: "history"}, "scores": {0: "candidates"}}),
+    "shared": (["candidate_ids", "candidate_mask", "position_ids", "kv", "history_mask"], ["scores"],
+               {"candidate_ids": {0: "candidates", 1: "length"}, "candidate_mask": {0: "candidates", 1: "length"},
+                "position_ids": {0: "candidates", 1: "length"}, "kv": {4: "history"},
+                "history_mask": {1: "history"}, "scores": {0: "candidates"}}),
 }
 
 
@@ -145,7 +170,7 @@ def export_onnx(model: CrossEncoder, folder: str | Path, *, quantize: bool = Fal
     try:
         with atomic_path(folder) as tmp:
             tmp.mkdir()
-            wrappers = {"pairwise": _Pairwise, "history": _History, "candidates": _Candidates}
+            wrappers = {"pairwise": _Pairwise, "history": _History, "candidates": _Candidates, "shared": _Shared}
             for graph, wrapper in wrappers.items():
                 inputs, outputs, axes = _NAMES[graph]
                 target = tmp / f"{graph}.onnx"
@@ -157,7 +182,8 @@ def export_onnx(model: CrossEncoder, folder: str | Path, *, quantize: bool = Fal
                 if quantize:
                     _quantize(target)
             names = [f"{g}.onnx" for g in GRAPHS]
-            write_manifest(tmp, {"kind": EXPORT_KIND, "source_checksum": model_checksum(model),
+            write_manifest(tmp, {"kind": EXPORT_KIND, "version": EXPORT_VERSION,
+                                 "source_checksum": model_checksum(model),
                                  "quantized": quantize, "opset": OPSET, "torch": torch.__version__,
                                  "files": file_checksums(tmp, names)})
     finally:
@@ -187,6 +213,11 @@ def check_export(folder: str | Path, model: CrossEncoder, *, quantize: bool = Fa
     """The manifest of the export in ``folder`` if it belongs to ``model`` (same weights, same quantization);
     else :class:`ArtifactError` saying why."""
     manifest = read_manifest(folder, kind=EXPORT_KIND)
+    if manifest.get("version") != EXPORT_VERSION or set(manifest.get("files", {})) != {f"{g}.onnx" for g in GRAPHS}:
+        raise ArtifactError(f"{folder}: the ONNX export has layout version {manifest.get('version')} and files "
+                            f"{sorted(manifest.get('files', {}))}, this code needs version {EXPORT_VERSION} with "
+                            f"{[f'{g}.onnx' for g in GRAPHS]} (stale); delete the folder or let OnnxBackend "
+                            "re-export it (reexport=True)")
     if manifest.get("source_checksum") != model_checksum(model):
         raise ArtifactError(f"{folder}: the ONNX export was made from other model weights (stale); delete "
                             "the folder or let OnnxBackend re-export it (reexport=True)")
@@ -232,6 +263,10 @@ class OnnxBackend(ScoringBackend):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Three sessions share 2 cores and a request runs two of them back to back (history, then
+        # candidates): idle workers that spin-wait steal the next session's cores (measured on the 2-layer
+        # int8 student: a cold one-pass request of 50 candidates took about 34 ms with spinning, 20 without).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {g: ort.InferenceSession(str(self.folder / f"{g}.onnx"), options,
                                                  providers=["CPUExecutionProvider"]) for g in GRAPHS}
 
@@ -257,8 +292,10 @@ class OnnxBackend(ScoringBackend):
         if n == 0:
             return np.empty(0, dtype=np.float32)
         kv, history_mask, lengths = state["kv"], state["mask"], state["lengths"]
+        graph = "candidates"
         if kv.shape[2] == 1 or owner is None:
             kv, history_mask, start = kv[:, :, :1], history_mask[:1], np.full(n, lengths[0])
+            graph = "shared" if history_mask.any() else "candidates"
         else:
             rows = owner.cpu().numpy()
             kv, history_mask, start = kv[:, :, rows], history_mask[rows], lengths[rows]
@@ -267,7 +304,7 @@ class OnnxBackend(ScoringBackend):
         feeds = {"candidate_ids": ids.cpu().numpy(), "candidate_mask": mask.cpu().numpy(),
                  "position_ids": positions.astype(np.int64), "kv": np.ascontiguousarray(kv),
                  "history_mask": np.ascontiguousarray(history_mask)}
-        return self.sessions["candidates"].run(None, feeds)[0].astype(np.float32, copy=False)
+        return self.sessions[graph].run(None, feeds)[0].astype(np.float32, copy=False)
 
     def state_nbytes(self, state: dict[str, np.ndarray]) -> int:
         return int(state["kv"].nbytes)

@@ -19,6 +19,7 @@ from data.errors import ArtifactError, BackendUnavailableError, ConfigError
 from ranking.backends import BACKENDS, TorchBackend, make_backend, within_tolerance
 from ranking.config import RankerConfig, TextConfig
 from ranking.cross_encoder import CrossEncoderRanker
+from ranking.inputs import candidate_batch, history_batch
 from ranking.testing import tiny_catalogue, tiny_encoder, tiny_tokenizer
 
 TEXT = TextConfig(history_tokens=40, history_item_tokens=10, item_tokens=10)
@@ -194,6 +195,54 @@ def test_onnx_export_is_reused_and_a_stale_one_refused(tokenizer, catalogue, tmp
     graph.write_bytes(graph.read_bytes()[:-10])  # a truncated graph fails its checksum
     with pytest.raises(ArtifactError, match="checksum"):
         OnnxBackend(ranker.model, cache_dir=tmp_path, reexport=False)
+
+
+def test_an_export_of_an_older_layout_is_stale_and_re_exported(tokenizer, catalogue, tmp_path, request_ids):
+    import json
+
+    from ranking.onnx_backend import GRAPHS, OnnxBackend, check_export
+
+    ranker = build(tokenizer, catalogue, "one_pass")
+    OnnxBackend(ranker.model, cache_dir=tmp_path)
+    folder = tmp_path / "fp32"
+    assert sorted(p.name for p in folder.glob("*.onnx")) == sorted(f"{g}.onnx" for g in GRAPHS)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["version"], manifest["files"]["shared.onnx"]  # what the three-graph export wrote
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "shared.onnx").unlink()
+    with pytest.raises(ArtifactError, match="stale"):
+        check_export(folder, ranker.model)
+    with pytest.raises(ArtifactError, match="stale"):
+        OnnxBackend(ranker.model, cache_dir=tmp_path, reexport=False)
+    OnnxBackend(ranker.model, cache_dir=tmp_path)  # re-exported
+    assert check_export(folder, ranker.model)["version"] == 2 and (folder / "shared.onnx").exists()
+
+
+def test_onnx_one_history_runs_the_shared_graph_and_equals_the_broadcast_graph(references, onnx_cache, request_ids):
+    reference = references["one_pass"]
+    ranker = reference.with_backend("onnx", threads=1, cache_dir=onnx_cache)
+    backend = ranker.backend
+    ids = reference.tokens
+    short, long = ids.history(ids.rows(request_ids[0][:2], "history")), ids.history(ids.rows(request_ids[0], "history"))
+    h_ids, h_mask = history_batch([short, long], pad=ids.special.pad)
+    state = backend.encode_history(h_ids, h_mask)
+    c_ids, c_mask = candidate_batch(ids.candidates(ids.rows(request_ids[1][:30], "candidate")), ids.special.pad)
+    one = {"kv": state["kv"][:, :, :1], "mask": state["mask"][:1], "lengths": state["lengths"][:1]}
+    assert not one["mask"].all()  # the short history is padded: masked history keys
+    calls = []
+    for graph in ("shared", "candidates"):
+        session = backend.sessions[graph]
+        backend.sessions[graph] = type("Spy", (), {"run": lambda self, *a, g=graph, s=session: calls.append(g)
+                                                   or s.run(*a)})()
+    shared = backend.score_candidates(one, c_ids, c_mask)
+    assert calls == ["shared"]
+    broadcast = backend.score_candidates(state, c_ids, c_mask, torch.zeros(c_ids.shape[0], dtype=torch.long))
+    assert calls == ["shared", "candidates"]
+    expected = TorchBackend(reference.model).score_candidates(
+        reference.model.encode_history(h_ids[:1], h_mask[:1]), c_ids, c_mask)
+    np.testing.assert_allclose(shared, broadcast, atol=1e-4)
+    np.testing.assert_allclose(shared, expected, atol=1e-4)
+    assert expected.std() > 0.5
 
 
 def test_missing_onnxruntime_names_the_extra(references, monkeypatch):

@@ -17,8 +17,8 @@ from data.dataset import Interactions
 from data.errors import ArtifactError, ConfigError, DataValidationError, UnknownIdError
 from ranking.config import RankerConfig, TextConfig
 from ranking.cross_encoder import CrossEncoderRanker
-from ranking.encoder import CrossEncoder
-from ranking.inputs import one_pass_batch, packed_sequence, pairwise_batch
+from ranking.encoder import CrossEncoder, HistoryState
+from ranking.inputs import candidate_batch, history_batch, one_pass_batch, packed_sequence, pairwise_batch
 from ranking.testing import tiny_catalogue, tiny_encoder, tiny_tokenizer
 
 TEXT = TextConfig(history_tokens=40, history_item_tokens=10, item_tokens=10)
@@ -117,6 +117,39 @@ def test_multi_history_one_pass_batch_equals_one_history_at_a_time():
         together = model.score_one_pass(one_pass_batch(histories, lists, pad=0))
         apart = torch.cat([model.score_one_pass(one_pass_batch([h], [c], pad=0)) for h, c in zip(histories, lists)])
     assert torch.allclose(together, apart, atol=1e-5)
+
+
+def test_shared_history_path_equals_the_broadcast_path_with_padding_and_any_order():
+    rng = np.random.default_rng(4)
+    model = CrossEncoder(tiny_encoder(40), head_hidden=8).eval()
+    short, long = np.r_[2, rng.integers(5, 40, 5), 3], np.r_[2, rng.integers(5, 40, 14), 3]
+    candidates = [random_tokens(rng, n, high=40) for n in (1, 6, 3, 9, 2, 4, 7)]
+    ids, mask = candidate_batch(candidates, pad=0)
+    with torch.no_grad():
+        # the short history padded to the long one's length: its state has masked keys
+        both = model.encode_history(*history_batch([short, long], pad=0))
+        one = HistoryState([k[:1] for k in both.keys], [v[:1] for v in both.values], both.mask[:1],
+                           both.lengths[:1])
+        assert not bool(one.mask.all())
+        shared = model.score_candidates(one, ids, mask)  # one history: no per-candidate key/value copies
+        broadcast = model.score_candidates(both, ids, mask, torch.zeros(len(candidates), dtype=torch.long))
+        packed = model.score_packed(packed_sequence(short, candidates))
+        perm = torch.as_tensor(np.random.default_rng(5).permutation(len(candidates)))
+        shuffled = model.score_candidates(one, ids[perm], mask[perm])
+        alone = torch.cat([model.score_candidates(one, ids[i:i + 1], mask[i:i + 1]) for i in range(len(candidates))])
+    assert torch.allclose(shared, broadcast, atol=1e-5)
+    assert torch.allclose(shared, packed, atol=1e-5)
+    assert torch.allclose(shuffled, shared[perm], atol=1e-5)
+    assert torch.allclose(alone, shared, atol=1e-5)
+    assert shared.std() > 0
+
+
+def test_training_mode_keeps_the_broadcast_path_with_attention_dropout(monkeypatch):
+    model = CrossEncoder(tiny_encoder(40)).train()
+    history, candidates = np.r_[2, 7, 8, 9, 3], [np.r_[11, 12, 3], np.r_[13, 3]]
+    state = model.encode_history(*history_batch([history], pad=0))
+    monkeypatch.setattr(CrossEncoder, "score_shared", lambda *a, **k: pytest.fail("shared path while training"))
+    assert model.score_candidates(state, *candidate_batch(candidates, pad=0)).shape == (2,)
 
 
 # ---- the ranker ---------------------------------------------------------------------------------
