@@ -138,6 +138,33 @@ def sample_lists(seqs: Sequence[np.ndarray], pools: np.ndarray, n_items: int, co
     return TrainingLists(histories, items, np.asarray(owners, dtype=np.int64))
 
 
+
+class ListBatches:
+    """Shuffled batches of training lists, drawn afresh (:func:`sample_lists`) whenever the drawn ones run out.
+
+    The trainers' shared sampling loop: ``next()`` returns ``(histories, items)`` of ``batch_size`` lists;
+    ``drawn`` counts every list drawn so far (all epochs).
+    """
+
+    def __init__(self, seqs: Sequence[np.ndarray], pools: np.ndarray, n_items: int, config: TrainerConfig,
+                 rng: np.random.Generator, users: np.ndarray | None, batch_size: int) -> None:
+        self.seqs, self.pools, self.n_items, self.config = seqs, pools, n_items, config
+        self.rng, self.users, self.batch_size = rng, users, batch_size
+        self.drawn = 0
+        self._lists: TrainingLists | None = None
+        self._cursor = 0
+
+    def next(self) -> tuple[list[np.ndarray], np.ndarray]:
+        if self._lists is None or self._cursor + self.batch_size > len(self._lists):
+            lists = sample_lists(self.seqs, self.pools, self.n_items, self.config, self.rng, self.users)
+            order = self.rng.permutation(len(lists))
+            self._lists = TrainingLists([lists.histories[i] for i in order], lists.items[order], lists.users[order])
+            self.drawn += len(lists)
+            self._cursor = 0
+        start, self._cursor = self._cursor, self._cursor + self.batch_size
+        return self._lists.histories[start:self._cursor], self._lists.items[start:self._cursor]
+
+
 @dataclass
 class ValidationLists:
     """Reranking lists whose target is inside the candidates.

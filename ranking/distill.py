@@ -43,11 +43,10 @@ from ranking.backends import TorchBackend
 from ranking.config import TrainerConfig
 from ranking.cross_encoder import CrossEncoderRanker
 from ranking.data import (
-    TrainingLists,
+    ListBatches,
     ValidationLists,
     reranked_ndcg,
     retrieval_rows,
-    sample_lists,
     user_sequences,
     validation_lists,
 )
@@ -296,8 +295,7 @@ def distill_lists(teacher: CrossEncoderRanker, student: CrossEncoderRanker, seqs
         bad += 1
         return bad >= c.patience
 
-    lists: TrainingLists | None = None
-    cursor = 0
+    batches = ListBatches(seqs, pools, len(student.items), sampling, rng, users, c.batch_size)
     losses: dict[str, list[float]] = {"loss": [], "kl": [], "ce": []}
     with torch_threads(c.threads):
         if validation is not None:
@@ -310,16 +308,9 @@ def distill_lists(teacher: CrossEncoderRanker, student: CrossEncoderRanker, seqs
                    disable=not c.progress)
         model.train()
         for step in bar:
-            if lists is None or cursor + c.batch_size > len(lists):
-                drawn = sample_lists(seqs, pools, len(student.items), sampling, rng, users)
-                order = rng.permutation(len(drawn))
-                lists = TrainingLists([drawn.histories[i] for i in order], drawn.items[order], drawn.users[order])
-                record.n_train_lists += len(lists)
-                cursor = 0
             tick = time.perf_counter()
-            histories = lists.histories[cursor:cursor + c.batch_size]
-            items = lists.items[cursor:cursor + c.batch_size]
-            cursor += c.batch_size
+            histories, items = batches.next()
+            record.n_train_lists = batches.drawn
             with torch.inference_mode():
                 target = list_scores(teacher_model, mode, histories, items, teacher, device).float()
             target = target.clone()  # an ordinary tensor (inference tensors cannot enter autograd)

@@ -35,12 +35,11 @@ from ranking.backends import TorchBackend
 from ranking.config import RankerConfig, TrainerConfig
 from ranking.cross_encoder import CrossEncoderRanker
 from ranking.data import (
-    TrainingLists,
+    ListBatches,
     ValidationLists,
     fit_retriever,
     reranked_ndcg,
     retrieval_rows,
-    sample_lists,
     user_sequences,
     validation_lists,
 )
@@ -226,8 +225,7 @@ def train_ranker(ranker: CrossEncoderRanker, seqs: list[np.ndarray], pools: np.n
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     best_state = None
     bad, started, losses = 0, time.perf_counter(), []
-    lists: TrainingLists | None = None
-    cursor = 0
+    batches = ListBatches(seqs, pools, len(ranker.items), c, rng, users, c.batch_size)
     with torch_threads(c.threads):
         if validation is not None and c.eval_at_start:
             metric = validate(ranker, model, validation, device)
@@ -237,16 +235,9 @@ def train_ranker(ranker: CrossEncoderRanker, seqs: list[np.ndarray], pools: np.n
         bar = tqdm(range(1, c.max_steps + 1), desc=f"rerank-{ranker.mode}", unit="step", disable=not c.progress)
         peft_model.train()
         for step in bar:
-            if lists is None or cursor + c.batch_size > len(lists):
-                lists = sample_lists(seqs, pools, len(ranker.items), c, rng, users)
-                order = rng.permutation(len(lists))
-                lists = TrainingLists([lists.histories[i] for i in order], lists.items[order], lists.users[order])
-                log_.n_train_lists += len(lists)
-                cursor = 0
             tick = time.perf_counter()
-            histories = lists.histories[cursor:cursor + c.batch_size]
-            items = lists.items[cursor:cursor + c.batch_size]
-            cursor += c.batch_size
+            histories, items = batches.next()
+            log_.n_train_lists = batches.drawn
             scores = list_scores(model, ranker.mode, histories, items, ranker, device)
             loss = F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=device))
             if c.peft == "adalora":
