@@ -67,3 +67,23 @@ def tiny_catalogue(n_items: int = 24, seed: int = 0) -> tuple[pd.DataFrame, IdVo
         rows.append({"item_id": 100 + i, "title": f"{colour} {words} ({year})", "genres": genre})
     table = build_item_table(pd.DataFrame(rows))
     return table, IdVocab(table["item_id"].to_numpy(), name="item")
+
+
+def colour_task(n_users: int = 24, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, Any]:
+    """A known-answer reranking task over :func:`tiny_catalogue`'s 24 items: users like one colour (even
+    item rows red, odd blue); hard-negative pools mix both colours, and each validation target sits at
+    rank 4 of a retrieval list of the other colour. Returns ``(seqs, pools, validation lists)``."""
+    from ranking.data import validation_lists
+
+    rng = np.random.default_rng(seed)
+    reds, blues = np.arange(0, 24, 2), np.arange(1, 24, 2)
+    seqs, pools, val_seqs, val_cands, targets = [], [], [], [], []
+    for u in range(n_users):
+        mine, other = (reds, blues) if u % 2 == 0 else (blues, reds)
+        order = rng.permutation(mine)
+        seqs.append(order[:8])
+        pools.append(np.r_[rng.permutation(other), order[8:]][:14])
+        val_seqs.append(order[:8])
+        val_cands.append(np.insert(rng.permutation(other)[:5], 3, order[9]))
+        targets.append(order[9])
+    return seqs, np.stack(pools), validation_lists(val_seqs, np.stack(val_cands), np.array(targets))

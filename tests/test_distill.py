@@ -15,11 +15,10 @@ from data.errors import ArtifactError, ConfigError, DataValidationError
 from data.io import sha256_file
 from ranking.config import RankerConfig, TextConfig
 from ranking.cross_encoder import CrossEncoderRanker
-from ranking.data import validation_lists
 from ranking.distill import DistillConfig, distill, distill_lists, ranking_kl
 from ranking.scoring import score_lists
 from ranking.student import default_layers, make_student, save_student, verify_student, weights_fingerprint
-from ranking.testing import tiny_catalogue, tiny_encoder, tiny_tokenizer
+from ranking.testing import colour_task, tiny_catalogue, tiny_encoder, tiny_tokenizer
 from ranking.text import ItemTokens
 
 TEXT = TextConfig(history_tokens=40, history_item_tokens=10, item_tokens=10)
@@ -44,22 +43,6 @@ def make_teacher(tokenizer, mode="one_pass", layers=4, seed=0, n_items=24):
         for p in ranker.model.head.parameters():  # a wide score range: lists far from uniform
             p.mul_(8.0)
     return ranker
-
-
-def colour_task(n_users=24, seed=0):
-    """Users like one colour (even item rows red, odd blue); retrieval pools mix both colours."""
-    rng = np.random.default_rng(seed)
-    reds, blues = np.arange(0, 24, 2), np.arange(1, 24, 2)
-    seqs, pools, val_seqs, val_cands, targets = [], [], [], [], []
-    for u in range(n_users):
-        mine, other = (reds, blues) if u % 2 == 0 else (blues, reds)
-        order = rng.permutation(mine)
-        seqs.append(order[:8])
-        pools.append(np.r_[rng.permutation(other), order[8:]][:14])
-        val_seqs.append(order[:8])
-        val_cands.append(np.insert(rng.permutation(other)[:5], 3, order[9]))
-        targets.append(order[9])
-    return seqs, np.stack(pools), validation_lists(val_seqs, np.stack(val_cands), np.array(targets))
 
 
 def val_scores(ranker, validation, mode=None):

@@ -14,7 +14,7 @@ from ranking.config import RankerConfig, TextConfig, TrainerConfig
 from ranking.cross_encoder import CrossEncoderRanker
 from ranking.data import reranked_ndcg, sample_lists, validation_lists
 from ranking.inputs import one_pass_batch, pairwise_batch
-from ranking.testing import tiny_catalogue, tiny_encoder, tiny_tokenizer
+from ranking.testing import colour_task, tiny_catalogue, tiny_encoder, tiny_tokenizer
 from ranking.trainer import apply_peft, merge_adapters, target_regex, train_ranker, validate
 
 TEXT = TextConfig(history_tokens=40, history_item_tokens=10, item_tokens=10)
@@ -109,26 +109,6 @@ def test_merged_adapters_score_like_unmerged(tokenizer, method):
 
 
 # ---- training -----------------------------------------------------------------------------------
-def colour_task(n_users=24, seed=0):
-    """Users like one colour (even items red, odd blue); validation targets hide behind other colours."""
-    rng = np.random.default_rng(seed)
-    n_items = 24
-    reds, blues = np.arange(0, n_items, 2), np.arange(1, n_items, 2)
-    seqs, pools, val_seqs, val_cands, targets = [], [], [], [], []
-    for u in range(n_users):
-        mine, other = (reds, blues) if u % 2 == 0 else (blues, reds)
-        order = rng.permutation(mine)
-        seqs.append(order[:8])
-        pools.append(np.r_[rng.permutation(other), order[8:]][:14])
-        val_seqs.append(order[:8])
-        cands = rng.permutation(other)[:5]
-        cands = np.insert(cands, 3, order[9])  # the target sits at rank 4 of the retrieval order
-        val_cands.append(cands)
-        targets.append(order[9])
-    validation = validation_lists(val_seqs, np.stack(val_cands), np.array(targets))
-    return seqs, np.stack(pools), validation
-
-
 @pytest.mark.parametrize("mode", ["one_pass", "pairwise"])
 def test_training_learns_a_learnable_task_and_the_merged_ranker_keeps_the_best_score(tokenizer, mode):
     seqs, pools, validation = colour_task()
