@@ -11,10 +11,15 @@ bootstrap interval.
 
 **Models.** The 6-layer teachers are ``ARTIFACTS/two_tower-one_pass`` and ``ARTIFACTS/two_tower-pairwise``
 (loaded through ``benchmarks.rerank.load_or_train``, which trains them when missing: slow). Students are
-``ARTIFACTS/student-{k}l`` and ``ARTIFACTS/student-{k}l-pairwise`` (``python -m ranking.distill``); a student
-that is missing, fails :func:`ranking.student.verify_student`, or was distilled from other teacher weights
-or other data is distilled here with a short budget (``--student-steps``; recorded in ``meta.students``)
-and saved, except under ``--quick``.
+``ARTIFACTS/student-{k}l`` and ``ARTIFACTS/student-{k}l-pairwise`` (``python -m ranking.distill``), shaped as
+:data:`STUDENT_SHAPES` says (the one-pass 2-layer student: 8-token candidate text, feed-forward pruned to
+512 neurons); a student that is missing, fails :func:`ranking.student.verify_student`, was distilled from
+other teacher weights or other data, or has another shape is distilled here with a short budget
+(``--student-steps``; recorded in ``meta.students``) and saved, except under ``--quick``.
+
+**Against the teacher**: every non-teacher row also carries ``dNDCG@10_vs_teacher``, the mean per-user
+difference from its mode's 6-layer torch teacher on the same users and M, with a paired bootstrap interval
+(the teacher's own interval is much wider than the paired one).
 
 **Quality.** ``--users`` test users are sampled once (seeded); NDCG@10 is the mean over all of them. A user
 whose target is outside the retrieval top-M has NDCG@10 = 0 under any order of the top-M, so only users
@@ -53,6 +58,7 @@ distilled first (``STUDENT_STEPS``: ~1.5 min one-pass, ~2.5 min pairwise); then 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -67,7 +73,7 @@ from benchmarks.common import DEFAULT_DATA, RESULTS, write_results
 from benchmarks.naive import catalogue_texts, naive_rank
 from benchmarks.rerank import cross_scores, load_or_train, rerank_rows, stage_lists, val_retriever
 from data.errors import ArtifactError, ConfigError, ShortlistError
-from data.metrics import evaluate_rankings
+from data.metrics import evaluate_rankings, paired_bootstrap_ci
 from pipeline.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -80,17 +86,37 @@ RETRIEVER = "two_tower"
 #: Steps of a student distilled inside the benchmark (about 2 minutes each on 2 cores; ``python -m
 #: ranking.distill`` trains them properly, about 5 minutes each).
 STUDENT_STEPS = {"one_pass": 80, "pairwise": 16}
+#: The shape of the student of each (mode, layer count) this benchmark reads (``student_path``) and distils
+#: when it is missing or shaped otherwise: candidate text budget in tokens and feed-forward width; absent
+#: values are the teacher's. ``python -m ranking.distill --layers 2 --item-tokens 8 --ffn-width 512 --out
+#: ARTIFACTS/student-2l`` makes the one-pass 2-layer one with the full step budget.
+STUDENT_SHAPES: dict[tuple[str, int], dict[str, int]] = {("one_pass", 2): {"item_tokens": 8, "ffn_width": 512}}
 #: Validation users of a student distilled inside the benchmark (early stopping).
 STUDENT_VAL_USERS = 200
 QUICK = {"users": 40, "pairwise_users": 12, "latency_users": 3, "M": [20, 50], "layers": [6, 2],
          "backends": ["torch", "onnx-int8"], "modes": ["one_pass", "pairwise"], "student_steps": 3}
-COLUMNS = ["method", "NDCG@10", "p50_ms", "p99_ms", "speedup_vs_naive", "latency_users", "scored_users"]
+COLUMNS = ["method", "NDCG@10", "dNDCG@10_vs_teacher", "p50_ms", "p99_ms", "speedup_vs_naive", "latency_users",
+           "scored_users"]
 #: Acceptance targets of the best configuration at M=50.
 TARGETS = {"p50_ms": 15.0, "p99_ms": 25.0, "speedup": 30.0, "ndcg_fraction_of_teacher": 0.97}
 
 
 def student_path(folder: Path, layers: int, mode: str) -> Path:
     return folder / (f"student-{layers}l" + ("-pairwise" if mode == "pairwise" else ""))
+
+
+def student_shape(teacher: Any, layers: int) -> dict[str, int]:
+    """``{"item_tokens", "ffn_width"}`` of ``teacher``'s ``layers``-layer student (:data:`STUDENT_SHAPES`,
+    else the teacher's values)."""
+    shape = STUDENT_SHAPES.get((teacher.mode, layers), {})
+    return {"item_tokens": shape.get("item_tokens") or teacher.config.text.item_tokens,
+            "ffn_width": shape.get("ffn_width") or int(teacher.encoder_config["intermediate_size"])}
+
+
+def shape_of(ranker: Any) -> dict[str, int]:
+    """A ranker's ``{"item_tokens", "ffn_width"}``."""
+    return {"item_tokens": ranker.config.text.item_tokens,
+            "ffn_width": int(ranker.encoder_config["intermediate_size"])}
 
 
 def model_sha256(folder: Path) -> str | None:
@@ -133,6 +159,7 @@ def load_or_distill(teacher: Any, teacher_folder: Path, layers: int, split: Any,
     from ranking.student import default_layers, make_student, save_student, verify_student
 
     path = student_path(folder, layers, teacher.mode)
+    shape = student_shape(teacher, layers)
     fingerprint = split.history("val").fingerprint()
     expected_sha = model_sha256(teacher_folder)
     if path.is_dir():
@@ -142,23 +169,25 @@ def load_or_distill(teacher: Any, teacher_folder: Path, layers: int, split: Any,
             metrics = student.meta.get("metrics", {})
             same = (student.meta["teacher"].get("model_sha256") == expected_sha and student.mode == teacher.mode
                     and metrics.get("train_fingerprint") == fingerprint and student.items == split.items
-                    and check["layers"] == layers)
+                    and check["layers"] == layers and shape_of(student) == shape)
             if same:
                 return student, {"loaded_from": str(path), "probe_max_abs_diff": check["max_abs_diff"],
-                                 "student_layers": check["student_layers"], **metrics}
-            log.warning("%s was distilled from another teacher or on other data; distilling again", path)
+                                 "student_layers": check["student_layers"], **metrics, **shape}
+            log.warning("%s was distilled from another teacher, on other data or with another shape than %s; "
+                        "distilling again", path, shape)
         except (ArtifactError, KeyError) as exc:
             log.warning("cannot use %s (%s); distilling again", path, exc)
     started = time.perf_counter()
     config = DistillConfig(steps=steps, eval_every=max(1, steps // 3), threads=threads, progress=progress,
                            val_users=val_users)
     chosen = default_layers(len(teacher.model.bert.encoder.layer), layers)
-    student = make_student(teacher, chosen, teacher_folder=teacher_folder)
+    text = dataclasses.replace(teacher.config.text, item_tokens=shape["item_tokens"])
+    student = make_student(teacher, chosen, text, teacher_folder=teacher_folder, ffn_width=shape["ffn_width"])
     trained, record = distill(teacher, student, split, retriever, config)
     info = {"val_ndcg@10": record.best_metric, "teacher_val_ndcg@10": record.teacher_metric,
             "start_val_ndcg@10": record.start_metric, "train_fingerprint": fingerprint, "retriever": RETRIEVER,
             "train_seconds": round(time.perf_counter() - started, 1), "steps": record.steps,
-            "best_step": record.best_step, "student_layers": list(chosen)}
+            "best_step": record.best_step, "student_layers": list(chosen), **shape}
     if save:
         save_student(trained, path, metrics=info)
     return trained, {"trained_now": True, "saved_to": str(path) if save else None, **info}
@@ -223,15 +252,31 @@ def percentiles(ms: np.ndarray) -> dict[str, float]:
 
 def combination_rows(name: str, key: tuple[str, int, str], timings: dict[tuple[int, bool], np.ndarray],
                      scores: np.ndarray, test: dict[str, Any], sample: np.ndarray, scored: np.ndarray,
-                     naive_ms: dict[int, np.ndarray], n_items: int, seed: int) -> list[dict[str, Any]]:
+                     naive_ms: dict[int, np.ndarray], n_items: int, seed: int,
+                     reference: dict[int, np.ndarray] | None = None,
+                     is_reference: bool = False) -> list[dict[str, Any]]:
     """One row per timed (M, cached): NDCG@10 of the reranked lists over ``sample`` (only ``scored`` users
     were run through the cross-encoder), latency percentiles and the speedup over the naive baseline on the
-    same requests."""
+    same requests.
+
+    ``reference`` (M -> per-user NDCG@10 over ``sample``) is the mode's teacher: each row then carries
+    ``dNDCG@10_vs_teacher`` and its paired bootstrap interval; the teacher's own call (``is_reference``)
+    fills it instead.
+    """
     mode, layers, backend = key
     rows = []
+    fill = reference is not None and is_reference
     for (m, cached), ms in timings.items():
         report = evaluate_rankings(rerank_rows(test["ids"], scores, m)[sample], [test["relevant"][i] for i in sample],
                                    ks=(10,), n_items=n_items, users=test["users"][sample], seed=seed)
+        ndcg = report.per_user["NDCG@10"]
+        versus: dict[str, Any] = {}
+        if fill and not cached:
+            reference[m] = ndcg
+        elif reference and m in reference and not fill:
+            lo, hi = paired_bootstrap_ci(ndcg, reference[m], seed=seed)
+            versus = {"dNDCG@10_vs_teacher": round(float(np.mean(ndcg - reference[m])), 6),
+                      "dNDCG@10_vs_teacher_ci": [round(lo, 6), round(hi, 6)]}
         shared = min(ms.size, naive_ms[m].size)
         naive_p50 = float(np.median(naive_ms[m][:shared]))
         rows.append({
@@ -240,7 +285,7 @@ def combination_rows(name: str, key: tuple[str, int, str], timings: dict[tuple[i
             "NDCG@10_ci": [round(v, 6) for v in report.ci["NDCG@10"]], "quality_users": int(sample.size),
             "scored_users": int(test["hit"][scored, :m].any(axis=1).sum()), **percentiles(ms),
             "latency_users": int(ms.size), "naive_p50_ms_same_users": round(naive_p50, 2),
-            "speedup_vs_naive": round(naive_p50 / float(np.median(ms[:shared])), 2),
+            "speedup_vs_naive": round(naive_p50 / float(np.median(ms[:shared])), 2), **versus,
         })
     return rows
 
@@ -296,6 +341,8 @@ def acceptance(rows: list[dict[str, Any]], m: int = 50) -> dict[str, Any]:
         "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"], "speedup_vs_naive": best.get("speedup_vs_naive"),
         "NDCG@10": best.get("NDCG@10"), "teacher_NDCG@10": teacher.get("NDCG@10"),
         "teacher_NDCG@10_ci": teacher.get("NDCG@10_ci"),
+        "dNDCG@10_vs_teacher": best.get("dNDCG@10_vs_teacher"),
+        "dNDCG@10_vs_teacher_ci": best.get("dNDCG@10_vs_teacher_ci"),
         f"p50_le_{TARGETS['p50_ms']:g}ms": bool(best["p50_ms"] <= TARGETS["p50_ms"]),
         f"p99_le_{TARGETS['p99_ms']:g}ms": bool(best["p99_ms"] <= TARGETS["p99_ms"]),
         f"speedup_ge_{TARGETS['speedup']:g}x": bool((best.get("speedup_vs_naive") or 0) >= TARGETS["speedup"]),
@@ -439,6 +486,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"method": f"naive pairwise L{n_teacher} fp32 M={m}", "M": m, "backend": "naive",
                      **percentiles(naive_ms[m]), "latency_users": int(naive_ms[m].size), "speedup_vs_naive": 1.0})
     preparation: dict[str, float] = {}
+    teacher_ndcg: dict[str, dict[int, np.ndarray]] = {mode: {} for mode in args.modes}
     cached_m = 50 if 50 in args.M else max(args.M)
     for mode, k, backend in combination_order(args.modes, args.layers, args.backends):
         name = f"{mode} L{k} {backend}"
@@ -458,7 +506,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    cached_m if mode == "one_pass" and not args.no_cached else None)
         scores = cross_scores(ranker, test, scored[mode], depth, progress, f"{name} scoring")
         for row in combination_rows(name, (mode, k, backend), timings, scores, test, samples[mode], scored[mode],
-                                    naive_ms, len(split.items), args.seed):
+                                    naive_ms, len(split.items), args.seed,
+                                    reference=teacher_ndcg[mode], is_reference=(k == top and backend == "torch")):
             rows.append(row)
             print(f"{row['method']}: NDCG@10 {row['NDCG@10']:.4f} p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms "
                   f"speedup {row['speedup_vs_naive']}x ({row['latency_users']} users)")

@@ -81,6 +81,8 @@ def load_parts(artifact: str | Path, ranker: str | Path | None = None, *, blend:
         from ranking.latency import LatencyModel
 
         latency_model = LatencyModel.load(latency, threads=threads or None)
+        if model is not None:
+            latency_model.check_ranker(model, source=latency)
         info["latency"] = str(latency)
     return ServingParts(retriever, model, fitted_blend, latency_model, items, info)
 

@@ -200,11 +200,7 @@ class CrossEncoderRanker:
         pad = self.tokens.special.pad
         candidates = self.tokens.candidates(rows)
         out = np.empty(rows.size, dtype=np.float32)
-        # One-pass: the candidates of one request share a single history, and one forward pass over all
-        # of them is fastest (measured at M=50); ``ONE_PASS_MAX_BUCKET`` only bounds memory.
-        default = self.config.bucket_size if self.mode == "pairwise" else max(self.config.bucket_size,
-                                                                              ONE_PASS_MAX_BUCKET)
-        buckets = length_buckets([c.size for c in candidates], batch_size or default)
+        buckets = length_buckets([c.size for c in candidates], batch_size or self.pass_size)
         if self.mode == "pairwise":
             for index in buckets:
                 batch = pairwise_batch([history_ids] * index.size, [candidates[i] for i in index], pad)
@@ -215,6 +211,16 @@ class CrossEncoderRanker:
             ids, mask = candidate_batch([candidates[i] for i in index], pad)
             out[index] = self.backend.score_candidates(state, ids, mask)
         return out
+
+    @property
+    def pass_size(self) -> int:
+        """Most candidates one forward pass of a request scores: ``config.bucket_size`` in the pairwise mode;
+        in the one-pass mode all of a request's candidates share one history and one pass over all of them
+        is fastest (measured at M=50), so ``ONE_PASS_MAX_BUCKET`` (or a larger ``bucket_size``) only bounds
+        memory. The latency model counts forward passes with it."""
+        if self.mode == "pairwise":
+            return self.config.bucket_size
+        return max(self.config.bucket_size, ONE_PASS_MAX_BUCKET)
 
     def request_shape(self, user_or_history: Any, candidates: Any) -> dict[str, int]:
         """What a request costs in tokens (what a latency model reads): ``history_tokens``, ``candidates``

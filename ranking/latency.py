@@ -116,7 +116,8 @@ class LatencyModel:
         backend: the ranker backend's name at calibration.
         threads: its intra-op threads.
         mode: the ranker's scoring mode.
-        bucket_size: candidates per forward pass (``RankerConfig.bucket_size``).
+        bucket_size: candidates per forward pass (the ranker's ``pass_size``: ``RankerConfig.bucket_size``
+            in the pairwise mode, a whole request up to ``ONE_PASS_MAX_BUCKET`` in the one-pass mode).
         cold: weights of :data:`FEATURES`, KV cache cold.
         warm: the same with the history cached (one-pass mode; None: not measured).
         machine: :func:`machine_fingerprint` at calibration.
@@ -178,6 +179,17 @@ class LatencyModel:
                        dict(values["machine"]), dict(values.get("meta", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"latency model is incomplete ({exc}); re-run calibrate") from exc
+
+    def check_ranker(self, ranker: Any, source: str | Path = "latency model") -> None:
+        """Raise :class:`ArtifactError` unless this model was calibrated for ``ranker``'s mode, forward-pass
+        size (``pass_size``) and backend: another shape of work makes its predictions meaningless."""
+        here = (ranker.mode, ranker.pass_size, ranker.backend.name)
+        if (self.mode, self.bucket_size, self.backend) != here:
+            raise ArtifactError(
+                f"{source}: calibrated for a {self.mode} ranker on {self.backend} scoring {self.bucket_size} "
+                f"candidates per pass, but this ranker is {here[0]} on {here[2]} with {here[1]}; re-run "
+                "ranking.latency.calibrate on it (or give no latency file: the recommender calibrates at load)"
+            )
 
     def save(self, path: str | Path) -> Path:
         """Write the model as JSON, atomically."""
@@ -263,14 +275,14 @@ def calibrate(ranker: Any, config: LatencyConfig | None = None) -> LatencyModel:
         if warm:
             warm_ms[i].append(timed(*requests[i], cold=False))
     done = [i for i, t in enumerate(cold_ms) if t]
-    rows = np.stack([features(**shapes[i], bucket_size=ranker.config.bucket_size) for i in done])
+    rows = np.stack([features(**shapes[i], bucket_size=ranker.pass_size) for i in done])
     cold_y = np.array([np.median(cold_ms[i]) for i in done])
     cold = _fit(rows, cold_y)
     warm_coef = _fit(rows, np.array([np.median(warm_ms[i]) for i in done])) if warm else None
     backend = ranker.backend
     threads = int(getattr(backend, "threads", 0) or torch.get_num_threads())
     error = np.abs(rows @ cold - cold_y) / cold_y
-    return LatencyModel(backend.name, threads, ranker.mode, ranker.config.bucket_size, cold.tolist(),
+    return LatencyModel(backend.name, threads, ranker.mode, ranker.pass_size, cold.tolist(),
                         None if warm_coef is None else warm_coef.tolist(),
                         meta={"points": len(done), "repeats": min(len(cold_ms[i]) for i in done),
                               "seconds": round(time.perf_counter() - start, 3),

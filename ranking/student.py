@@ -6,6 +6,12 @@ and the encoder config says ``num_hidden_layers = len(layers)``. Scoring cost is
 so a 2-layer student of the 6-layer MiniLM teacher runs about 3x faster in every backend. Training it is
 :mod:`ranking.distill`'s job.
 
+**Pruning** (``ffn_width``): the feed-forward blocks hold two thirds of a BERT layer's weights and
+multiply-adds. A student can keep only the ``ffn_width`` most important neurons of each copied layer
+(:func:`ffn_keep`: the product of the norms of a neuron's input and output weights), before distillation
+repairs the loss. On the 2-layer MiniLM student, 512 of 1536 neurons cut the ONNX int8 cost of a
+50-candidate request by about a fifth.
+
 **Which layers** (:func:`default_layers`): ``k`` layers spread evenly over the teacher's ``n`` and always
 ending at its top layer, ``round((i + 1) * n / k) - 1`` for ``i < k``: of 6 layers, 3 -> ``(1, 3, 5)``,
 2 -> ``(2, 5)``, 1 -> ``(5,)``. Keeping the top layer keeps the head's input distribution (the head was
@@ -127,9 +133,14 @@ def check_layers(layers: Any, n_teacher: int) -> tuple[int, ...]:
 
 
 def make_student(teacher: CrossEncoderRanker, layers: tuple[int, ...], text: TextConfig | None = None,
-                 item_table: Any = None, *, teacher_folder: str | Path | None = None) -> CrossEncoderRanker:
+                 item_table: Any = None, *, teacher_folder: str | Path | None = None,
+                 ffn_width: int | None = None) -> CrossEncoderRanker:
     """A ranker holding exact copies of the teacher's embeddings, its encoder layers ``layers`` (in that
     order, renumbered ``0..k-1``) and its head; same mode, config and tokenizer.
+
+    ``ffn_width`` (default: the teacher's ``intermediate_size``) prunes every copied layer's feed-forward
+    block to that many neurons, keeping the most important ones (:func:`ffn_keep`); the encoder
+    config's ``intermediate_size`` says the new width, so the saved student loads like any BERT.
 
     ``text`` (default: the teacher's) sets shorter text budgets for the student; the catalogue tokens are
     rebuilt from ``item_table`` with the teacher's tokenizer when given, else cut from the cached ids
@@ -143,7 +154,13 @@ def make_student(teacher: CrossEncoderRanker, layers: tuple[int, ...], text: Tex
     if adapters:
         raise ConfigError(f"make_student: the teacher still holds peft adapters ({adapters[:2]}); merge them first "
                           "(ranking.trainer.merge_adapters)")
-    encoder_config = {**teacher.encoder_config, "num_hidden_layers": len(layers)}
+    width = int(teacher.encoder_config.get("intermediate_size", 0))
+    if ffn_width is not None and (isinstance(ffn_width, bool) or not isinstance(ffn_width, (int, np.integer))
+                                  or not 1 <= ffn_width <= width):
+        raise ConfigError(f"ffn_width must be an integer in [1, {width}] (the teacher's intermediate_size), "
+                          f"got {ffn_width!r}")
+    ffn_width = width if ffn_width is None else int(ffn_width)
+    encoder_config = {**teacher.encoder_config, "num_hidden_layers": len(layers), "intermediate_size": ffn_width}
     rng_state = torch.random.get_rng_state()
     try:  # construction draws random initial weights that are overwritten below; keep the caller's RNG
         encoder = encoder_from_config(encoder_config)
@@ -160,14 +177,39 @@ def make_student(teacher: CrossEncoderRanker, layers: tuple[int, ...], text: Tex
             raise ConfigError(f"make_student: the teacher has no tensor {source!r} for the student's {name!r}; "
                               "the teacher's encoder layout is not BERT's")
         student_state[name] = state[source].detach().clone()
+    kept: dict[int, list[int]] = {}
+    if ffn_width < width:
+        for i, j in source_of.items():
+            prefix, source = f"bert.encoder.layer.{i}.", f"bert.encoder.layer.{j}."
+            keep = ffn_keep(state[source + "intermediate.dense.weight"], state[source + "output.dense.weight"],
+                            ffn_width)
+            kept[i] = keep.tolist()
+            for suffix in ("intermediate.dense.weight", "intermediate.dense.bias"):
+                student_state[prefix + suffix] = student_state[prefix + suffix][keep].clone()
+            student_state[prefix + "output.dense.weight"] = student_state[prefix + "output.dense.weight"][:, keep].clone()
     model.load_state_dict(student_state, strict=True)
     model.to(next(teacher.model.parameters()).device).eval()
     text = text or teacher.config.text
     tokens = retext(teacher.tokens, text, item_table, teacher.tokenizer)
     config = dataclasses.replace(teacher.config, text=text)
     meta = {"teacher": teacher_record(teacher, teacher_folder), "student_layers": list(layers)}
+    if kept:
+        meta["ffn_pruning"] = {"width": ffn_width, "teacher_width": width, "importance": FFN_IMPORTANCE}
     return CrossEncoderRanker(model, tokens, config, encoder_config=encoder_config, tokenizer=teacher.tokenizer,
                               meta=meta)
+
+
+FFN_IMPORTANCE = "|w_in| * |w_out| (L2 norms of a neuron's input row and output column)"
+
+
+def ffn_keep(w_in: torch.Tensor, w_out: torch.Tensor, width: int) -> torch.Tensor:
+    """Sorted indices of the ``width`` feed-forward neurons to keep: the largest products of the L2 norms of
+    a neuron's input weights (``w_in`` row, ``(inter, hidden)``) and output weights (``w_out`` column,
+    ``(hidden, inter)``), a data-free magnitude estimate of how much the neuron can move the output. Ties go
+    to the lower index (stable sort), so the choice is deterministic."""
+    importance = w_in.float().norm(dim=1) * w_out.float().norm(dim=0)
+    order = torch.sort(importance, descending=True, stable=True).indices[:width]
+    return torch.sort(order).values
 
 
 # ---- saving and checking --------------------------------------------------------------------------

@@ -93,6 +93,43 @@ def test_a_student_of_every_layer_scores_exactly_like_the_teacher_and_fewer_laye
     assert weights_fingerprint(short.model) != weights_fingerprint(teacher.model)
 
 
+def test_ffn_pruning_drops_the_least_important_neurons_exactly(tokenizer):
+    """Neurons whose output weights are zero change nothing: pruning exactly those scores like the unpruned
+    student, the config says the new width, and the saved student reloads with it."""
+    teacher = make_teacher(tokenizer)
+    width = teacher.model.bert.encoder.layer[0].intermediate.dense.out_features  # 64
+    dead = np.arange(0, width, 4)  # a quarter of every layer's neurons contribute nothing
+    with torch.no_grad():
+        for layer in teacher.model.bert.encoder.layer:
+            layer.output.dense.weight[:, dead] = 0.0
+    history, candidates = [100, 103, 106], [101, 102, 104, 105, 107]
+    full = make_student(teacher, (1, 3))
+    pruned = make_student(teacher, (1, 3), ffn_width=width - dead.size)
+    for layer in pruned.model.bert.encoder.layer:
+        assert layer.intermediate.dense.weight.shape == (width - dead.size, 32)
+        assert layer.output.dense.weight.shape == (32, width - dead.size)
+    assert pruned.encoder_config["intermediate_size"] == width - dead.size
+    assert pruned.meta["ffn_pruning"]["width"] == width - dead.size
+    np.testing.assert_allclose(pruned.score(history, candidates), full.score(history, candidates), atol=1e-5)
+    narrower = make_student(teacher, (1, 3), ffn_width=width // 4)  # live neurons go too: scores move
+    assert not np.allclose(narrower.score(history, candidates), full.score(history, candidates), atol=1e-3)
+    assert make_student(teacher, (1, 3), ffn_width=width).meta.get("ffn_pruning") is None
+
+
+def test_a_pruned_student_saves_and_verifies(tokenizer, tmp_path):
+    student = make_student(make_teacher(tokenizer), (1, 3), ffn_width=24)
+    save_student(student, tmp_path / "pruned")
+    assert verify_student(tmp_path / "pruned")["max_abs_diff"] <= 1e-5
+    loaded = CrossEncoderRanker.load(tmp_path / "pruned")
+    assert loaded.model.bert.encoder.layer[1].intermediate.dense.out_features == 24
+
+
+@pytest.mark.parametrize("width", [0, 65, 2.5, True])
+def test_invalid_ffn_widths_are_refused(tokenizer, width):
+    with pytest.raises(ConfigError, match="ffn_width"):
+        make_student(make_teacher(tokenizer), (1, 3), ffn_width=width)
+
+
 @pytest.mark.parametrize("layers", [(), (3, 1), (1, 1), (0, 4), (-1,), "01"])
 def test_invalid_layer_choices_are_refused(tokenizer, layers):
     with pytest.raises(ConfigError, match="layers"):
@@ -134,11 +171,13 @@ def test_distillation_moves_a_one_layer_student_toward_the_teacher(tokenizer):
     assert not any(p.requires_grad for p in trained.model.parameters()) and not trained.model.training
 
 
-def test_early_stopping_keeps_the_best_validated_weights_and_logs_the_teacher(tokenizer):
+@pytest.mark.parametrize("select", ["ndcg", "val_kl"])
+def test_early_stopping_keeps_the_best_validated_weights_and_logs_the_teacher(tokenizer, select):
     teacher = make_teacher(tokenizer, layers=2)
     seqs, pools, validation = colour_task()
     config = DistillConfig(steps=20, eval_every=5, patience=2, batch_size=4, list_size=4, hard_pool=14,
-                           positions_per_user=2, min_history=2, learning_rate=3e-3, progress=False, threads=1)
+                           positions_per_user=2, min_history=2, learning_rate=3e-3, progress=False, threads=1,
+                           select=select)
     trained, record = distill_lists(teacher, make_student(teacher, (1,)), seqs, pools, validation, config)
     steps = [h["step"] for h in record.history]
     assert steps[0] == 0 and record.best_step in steps
@@ -146,7 +185,13 @@ def test_early_stopping_keeps_the_best_validated_weights_and_logs_the_teacher(to
     teacher_ndcg = validation_ndcg(teacher, validation)
     assert record.teacher_metric == pytest.approx(teacher_ndcg, abs=1e-9)
     assert validation_ndcg(trained, validation) == pytest.approx(record.best_metric, abs=1e-9)
-    assert record.best_metric == pytest.approx(max(h["metric"] for h in record.history), abs=1e-6)
+    best = next(h for h in record.history if h["step"] == record.best_step)
+    assert record.best_metric == pytest.approx(best["metric"], abs=1e-6)
+    if select == "ndcg":
+        assert record.best_metric == pytest.approx(max(h["metric"] for h in record.history), abs=1e-6)
+    else:
+        assert record.val_kl == pytest.approx(min(h["val_kl"] for h in record.history), abs=1e-6)
+        assert len({h["val_kl"] for h in record.history}) > 1  # training moved it: the choice was a real one
     quality = trained.meta["quality"]
     assert quality["student_val_ndcg@10"] == record.best_metric and quality["teacher_val_ndcg@10"] == teacher_ndcg
 
@@ -276,7 +321,8 @@ def test_distill_config_round_trips_and_validates():
     assert DistillConfig.from_json(config.to_json()) == config
     assert config.sampling().n_negatives == config.list_size - 1
     for bad, match in (({"alpha": 1.5}, "alpha"), ({"temperature": 0}, "temperature"), ({"list_size": 1}, "list_size"),
-                       ({"steps": 0}, "steps"), ({"device": "tpu"}, "device"), ({"position_weighting": "x"}, "position")):
+                       ({"steps": 0}, "steps"), ({"device": "tpu"}, "device"), ({"position_weighting": "x"}, "position"),
+                       ({"select": "loss"}, "select")):
         with pytest.raises(ConfigError, match=match):
             DistillConfig(**bad)
     with pytest.raises(ConfigError, match="unknown"):

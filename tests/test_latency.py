@@ -87,6 +87,29 @@ def test_predictions_are_within_30_percent_of_fresh_measurements(tokenizer, cata
         assert model.warm is None  # pairwise has no cache
 
 
+@pytest.mark.parametrize("mode", ["one_pass", "pairwise"])
+def test_the_model_counts_the_forward_passes_the_ranker_really_runs(tokenizer, catalogue, mode):
+    """One-pass scores a whole request in one pass (up to ONE_PASS_MAX_BUCKET); pairwise in buckets of
+    ``bucket_size``. The fitted pass term must count what the ranker runs: counting one-pass requests in
+    buckets of 16 over-predicted a 20-candidate request by ~50% (two passes assumed, one run)."""
+    from ranking.cross_encoder import ONE_PASS_MAX_BUCKET
+    from ranking.latency import features
+
+    ranker = make_ranker(tokenizer, catalogue, mode)
+    expected = ONE_PASS_MAX_BUCKET if mode == "one_pass" else ranker.config.bucket_size
+    assert ranker.pass_size == expected
+    model = calibrate(ranker, LatencyConfig(budget_s=1e-3, history_tokens=(16, 64), candidates=(2, 20),
+                                            candidate_tokens=(8,), repeats=1, warm=False))
+    assert model.bucket_size == expected
+    assert features(33, 20, 243, model.bucket_size)[1] == (1 if mode == "one_pass" else 2)
+    model.check_ranker(ranker)
+    other = make_ranker(tokenizer, catalogue, "pairwise" if mode == "one_pass" else "one_pass")
+    with pytest.raises(ArtifactError, match="calibrate"):
+        model.check_ranker(other, source="latency.json")
+    with pytest.raises(ArtifactError, match="calibrate"):
+        linear_model(bucket_size=expected, mode=mode).check_ranker(ranker.with_backend("torch-int8"))
+
+
 def test_a_tiny_budget_cuts_repeats_and_points(tokenizer, catalogue):
     ranker = make_ranker(tokenizer, catalogue, "one_pass")
     small = LatencyConfig(budget_s=1e-3, history_tokens=(16, 64), candidates=(4, 16), candidate_tokens=(8,),
