@@ -350,3 +350,14 @@ def test_naive_baseline_scores_like_the_pairwise_model_on_its_own_tokens(tokeniz
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert np.ptp(scores) > 0 and encoded["input_ids"].shape == (4, 32)
     assert naive_rank(teacher, history, [], texts).shape == (0,)
+
+
+def test_student_benchmark_fidelity_is_the_mean_rowwise_spearman():
+    from benchmarks.students import spearman_rows
+
+    a = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    assert spearman_rows(a, a) == pytest.approx(1.0)
+    assert spearman_rows(a, a[:, ::-1]) == pytest.approx(-1.0)
+    b = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])  # one row agrees, one is reversed
+    assert spearman_rows(a, b) == pytest.approx(0.0)
+    assert np.isnan(spearman_rows(np.ones((1, 4)), a[:1]))  # a constant row has no rank order
