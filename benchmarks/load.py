@@ -11,7 +11,8 @@ do. The client is **bounded**: at most ``--max-outstanding`` requests in flight;
 counted as dropped (not queued). Latency is measured from the moment a request is sent to its answer.
 Per load it reports requests/s answered, p50/p95/p99 latency, the degraded fraction (retrieval order kept),
 the shed fraction (429/503) and the mean shortlist size M, and per mode the **sustainable load**: the
-highest offered load whose p99 stays within ``budget_ms + 10`` ms with nothing shed or dropped.
+highest offered load that, like every lower one, keeps p99 within ``budget_ms + 10`` ms with nothing shed
+or dropped.
 
 **Quality** (``--quality-users N``): N test users through ``POST /recommend`` (budget large enough for the
 full shortlist, sequential requests) against the offline path on the same users (the same retrieval lists
@@ -230,12 +231,16 @@ def summarise(run: dict[str, Any], mode: str, rate: float, seconds: float) -> di
 
 
 def sustainable(rows: Sequence[dict[str, Any]], budget_ms: float, slack_ms: float = 10.0) -> float | None:
-    """The highest offered load with p99 <= budget + slack, nothing shed or failed, and (nearly) every
-    request answered."""
-    good = [r["offered_rps"] for r in rows
-            if r["p99_ms"] <= budget_ms + slack_ms and r["shed_fraction"] == 0 and r["errors"] == 0
-            and r["answered"] >= 0.98 * r["sent"]]
-    return max(good) if good else None
+    """The highest offered load that, with every lower load, keeps p99 <= budget + slack with nothing shed
+    or failed and (nearly) every request answered (``None`` when the lowest load already misses): a
+    lower load that misses is not excused by a higher one that happens to pass."""
+    best = None
+    for r in sorted(rows, key=lambda r: r["offered_rps"]):
+        if not (r["p99_ms"] <= budget_ms + slack_ms and r["shed_fraction"] == 0 and r["errors"] == 0
+                and r["answered"] >= 0.98 * r["sent"]):
+            break
+        best = r["offered_rps"]
+    return best
 
 
 # ---- quality -----------------------------------------------------------------------------------------

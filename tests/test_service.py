@@ -330,3 +330,17 @@ def test_a_real_uvicorn_process_on_loopback(tiny, tmp_path):
         finally:
             process.terminate()
             process.wait(timeout=20)
+
+
+def test_sustainable_load_is_the_last_of_an_unbroken_run_of_passing_loads():
+    from benchmarks.load import sustainable
+
+    def row(rps, p99, shed=0.0, answered=100):
+        return {"offered_rps": rps, "p99_ms": p99, "shed_fraction": shed, "errors": 0, "answered": answered,
+                "sent": 100}
+
+    rows = [row(20, 58.0), row(5, 55.0), row(10, 59.0), row(40, 75.0), row(80, 900.0, shed=0.2)]
+    assert sustainable(rows, budget_ms=50) == 20  # order-free; 40 misses the 60 ms line
+    assert sustainable([row(5, 61.9), row(10, 59.1), row(20, 59.2)], budget_ms=50) is None  # 5 misses
+    assert sustainable([row(5, 50.0), row(10, 50.0, shed=0.01)], budget_ms=50) == 5  # shedding fails a load
+    assert sustainable([row(5, 50.0, answered=90)], budget_ms=50) is None  # most requests must be answered
