@@ -87,8 +87,9 @@ RETRIEVER = "two_tower"
 STUDENT_STEPS = {"one_pass": 80, "pairwise": 16}
 #: The shape of the student of each (mode, layer count) this benchmark reads (``student_path``) and distils
 #: when it is missing or shaped otherwise: candidate text budget in tokens and feed-forward width; absent
-#: values are the teacher's. ``python -m ranking.distill --layers 2 --item-tokens 8 --ffn-width 512 --out
-#: ARTIFACTS/student-2l`` makes the one-pass 2-layer one with the full step budget.
+#: values are the teacher's. ``python -m ranking.distill --layers 2 --item-tokens 8 --ffn-width 512 --steps
+#: 600 --learning-rate 3e-4 --eval-every 100 --out ARTIFACTS/student-2l`` makes the one-pass 2-layer one
+#: with the full step budget.
 STUDENT_SHAPES: dict[tuple[str, int], dict[str, int]] = {("one_pass", 2): {"item_tokens": 8, "ffn_width": 512}}
 #: Validation users of a student distilled inside the benchmark (early stopping).
 STUDENT_VAL_USERS = 200
