@@ -46,10 +46,11 @@ COLUMNS = ["method", "NDCG@10", "dNDCG@10_vs_teacher", "spearman_vs_teacher", "l
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Spearman correlation of the rows of ``a`` and ``b`` (``(n, M)``; rows without ties)."""
+    """Mean Spearman correlation of the rows of ``a`` and ``b`` (``(n, M)``); a row that is constant in
+    either has no rank order and is left out (``nan`` when none is left)."""
     from scipy.stats import spearmanr
 
-    values = [spearmanr(x, y).statistic for x, y in zip(a, b)]
+    values = [spearmanr(x, y).statistic for x, y in zip(a, b) if np.ptp(x) > 0 and np.ptp(y) > 0]
     values = [v for v in values if np.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
 
