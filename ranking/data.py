@@ -18,7 +18,7 @@ Everything here works in item *rows* of the ranker's catalogue vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -163,6 +163,43 @@ class ListBatches:
             self._cursor = 0
         start, self._cursor = self._cursor, self._cursor + self.batch_size
         return self._lists.histories[start:self._cursor], self._lists.items[start:self._cursor]
+
+
+@dataclass
+class ListTrainingLog:
+    """What a run over sampled lists did: the fields the reranker trainer (:class:`ranking.trainer.TrainingLog`)
+    and the distiller (:class:`ranking.distill.DistillLog`) share; each adds its own.
+
+    Attributes:
+        steps: optimizer steps run.
+        best_step: the step whose weights were kept (0: the starting weights, when evaluated at the start and
+            never beaten; with no validation, the last step).
+        best_metric: validation NDCG@10 of the reranked list at ``best_step``.
+        retrieval_metric: validation NDCG@10 of the retrieval order (same users).
+        stopped_early: patience ran out before the step budget.
+        seconds: wall time, evaluations included.
+        train_seconds: time in training steps only.
+        lists_per_s: training lists per training second.
+        n_train_lists: lists drawn (all passes).
+        device: torch device.
+        history: one record per evaluation (``step``, mean losses since the last, ``metric``, ``seconds``, and
+            what the subclass logs).
+    """
+
+    steps: int = 0
+    best_step: int = 0
+    best_metric: float = float("nan")
+    retrieval_metric: float = float("nan")
+    stopped_early: bool = False
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    lists_per_s: float = 0.0
+    n_train_lists: int = 0
+    device: str = "cpu"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass

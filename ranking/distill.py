@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from ranking.config import TrainerConfig
 from ranking.cross_encoder import CrossEncoderRanker
 from ranking.data import (
     ListBatches,
+    ListTrainingLog,
     ValidationLists,
     reranked_ndcg,
     retrieval_rows,
@@ -169,44 +170,20 @@ class DistillConfig(JsonConfig):
 
 
 @dataclass
-class DistillLog:
-    """What a distillation run did.
+class DistillLog(ListTrainingLog):
+    """What a distillation run did: :class:`~ranking.data.ListTrainingLog` (``best_metric`` is the student's
+    validation NDCG@10 at ``best_step``, the step chosen by ``DistillConfig.select``; ``history`` also
+    records ``kl``, ``ce`` and ``val_kl``) plus:
 
     Attributes:
-        steps: optimizer steps run.
-        best_step: the step whose weights were kept (0: the copied weights; with no validation the last).
-        best_metric: the student's validation NDCG@10 at ``best_step``.
         start_metric: the untrained student's validation NDCG@10 (``eval_at_start``).
         teacher_metric: the teacher's validation NDCG@10 on the same lists, in the student's mode.
-        retrieval_metric: validation NDCG@10 of the retrieval order (same users).
         val_kl: validation KL(teacher || student) at T=1 at ``best_step`` (``nan`` without validation).
-        stopped_early: patience ran out before ``steps``.
-        seconds: wall time, evaluations included.
-        train_seconds: time in training steps (teacher and student forward, backward).
-        lists_per_s: training lists per training second.
-        n_train_lists: lists drawn (all passes).
-        device: torch device.
-        history: per evaluation: ``step``, ``loss``, ``kl``, ``ce`` (means since the last), ``metric``,
-            ``val_kl``, ``seconds``.
     """
 
-    steps: int = 0
-    best_step: int = 0
-    best_metric: float = float("nan")
     start_metric: float = float("nan")
     teacher_metric: float = float("nan")
-    retrieval_metric: float = float("nan")
     val_kl: float = float("nan")
-    stopped_early: bool = False
-    seconds: float = 0.0
-    train_seconds: float = 0.0
-    lists_per_s: float = 0.0
-    n_train_lists: int = 0
-    device: str = "cpu"
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def ranking_kl(teacher: np.ndarray, student: np.ndarray, temperature: float = 1.0) -> float:

@@ -21,7 +21,7 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from ranking.config import RankerConfig, TrainerConfig
 from ranking.cross_encoder import CrossEncoderRanker
 from ranking.data import (
     ListBatches,
+    ListTrainingLog,
     ValidationLists,
     fit_retriever,
     reranked_ndcg,
@@ -136,42 +137,17 @@ def list_scores(model: CrossEncoder, mode: str, histories: list[np.ndarray], lis
 
 
 @dataclass
-class TrainingLog:
-    """What a training run did.
+class TrainingLog(ListTrainingLog):
+    """What a training run did: :class:`~ranking.data.ListTrainingLog` (``best_step`` is the step whose
+    adapters were kept; ``history`` records ``step``, ``loss``, ``metric``, ``seconds``) plus:
 
     Attributes:
-        steps: optimizer steps run.
-        best_step: the step whose adapters were kept (0: the starting weights when ``eval_at_start`` won,
-            else none evaluated and the last ones kept).
-        best_metric: validation NDCG@10 of the reranked list at ``best_step``.
-        retrieval_metric: validation NDCG@10 of the retrieval order (same users).
-        stopped_early: patience ran out before ``max_steps``.
-        seconds: wall time, evaluations included.
-        train_seconds: time in training steps only.
-        lists_per_s: training lists per training second.
-        n_train_lists: distinct lists drawn (all epochs).
-        device: torch device.
         peft: ``"lora"`` or ``"adalora"``.
         trainable_parameters: adapter + head parameters trained.
-        history: per evaluation: ``step``, ``loss`` (mean since the last), ``metric``, ``seconds``.
     """
 
-    steps: int = 0
-    best_step: int = 0
-    best_metric: float = float("nan")
-    retrieval_metric: float = float("nan")
-    stopped_early: bool = False
-    seconds: float = 0.0
-    train_seconds: float = 0.0
-    lists_per_s: float = 0.0
-    n_train_lists: int = 0
-    device: str = "cpu"
     peft: str = "lora"
     trainable_parameters: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def validate(ranker: CrossEncoderRanker, model: CrossEncoder, validation: ValidationLists, device: torch.device,
