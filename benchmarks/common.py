@@ -6,6 +6,7 @@ Every benchmark writes ``benchmarks/results/NAME.json`` as ``{"rows": [{"method"
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -63,3 +64,18 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any
 
 def round_row(row: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def ml_benchmark_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The arguments every ml-latest-small quality benchmark shares: ``--data-path``, ``--artifacts``,
+    ``--threads``, ``--seed``, ``--out`` (results name, default ``name``), ``--results-dir``, ``--quiet``;
+    the description is the first paragraph of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data-path", default=None, help="folder with ml-latest-small (else SHORTLIST_DATA_DIR)")
+    parser.add_argument("--artifacts", default="artifacts/rerank", help="folder of the saved rankers and retriever")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=name, help="results file name (without .json)")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser

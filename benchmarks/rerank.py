@@ -99,25 +99,13 @@ def val_retriever(name: str, split: Split, folder: Path, threads: int | None = N
     return model
 
 
-def warm_start(source: Any, mode: str) -> Any:
-    """An untrained-for-``mode`` ranker holding a copy of ``source``'s weights (encoder and head)."""
-    import copy
-    import dataclasses
-
-    from ranking.cross_encoder import CrossEncoderRanker
-
-    return CrossEncoderRanker(copy.deepcopy(source.model), source.tokens, dataclasses.replace(source.config, mode=mode),
-                              encoder_config=source.encoder_config, tokenizer=source.tokenizer,
-                              meta={"initialised_from": source.mode})
-
-
 def load_or_train(mode: str, retriever_name: str, retriever: Any, split: Split, item_table: Any, folder: Path,
                   retrain: bool, trainer_overrides: dict[str, Any], init: Any = None) -> tuple[Any, dict[str, Any]]:
     """The trained ranker of ``mode`` from ``folder`` when it matches this split, else trained and saved
     (from the base model, or warm-started from ``init``'s weights)."""
     from ranking.config import RankerConfig, TrainerConfig
     from ranking.cross_encoder import CrossEncoderRanker
-    from ranking.trainer import fit_on_split
+    from ranking.trainer import fit_on_split, warm_start
 
     path = folder / f"{retriever_name}-{mode}"
     fingerprint = split.history("val").fingerprint()

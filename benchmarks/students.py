@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, write_results
+from benchmarks.common import DEFAULT_DATA, ml_benchmark_parser, write_results
 from benchmarks.rerank import cross_scores, rerank_rows, stage_lists, val_retriever
 from data.errors import ArtifactError
 from data.metrics import evaluate_rankings, paired_bootstrap_ci
@@ -140,19 +140,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", default=None, help="folder with ml-latest-small (else SHORTLIST_DATA_DIR)")
-    parser.add_argument("--artifacts", default="artifacts/rerank", help="folder holding the teacher and students")
+    parser = ml_benchmark_parser(__doc__, "students")
     parser.add_argument("--teacher", default=TEACHER, help="teacher folder name under --artifacts")
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), help="student folder names")
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx-int8"], help="backends per student")
     parser.add_argument("--M", type=int, default=50, help="reranked depth")
     parser.add_argument("--users", type=int, default=0, help="test users sampled (0: all)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="students", help="results name")
-    parser.add_argument("--results-dir", default=str(RESULTS))
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.M < 10:
         parser.error("--M must be >= 10 (NDCG@10 reads the top 10)")

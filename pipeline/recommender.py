@@ -50,6 +50,7 @@ from pipeline.loading import check_vocabulary, load_parts
 from pipeline.microbatch import MicroBatcher, ranker_scorer
 from pipeline.recommender_config import RecommenderConfig
 from pipeline.response import PATHS, STAGES, Recommendation, RecommendedItem
+from ranking.residual import base_offsets
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,17 @@ def filter_candidates(ids: np.ndarray, scores: np.ndarray, *, allow: np.ndarray 
         order = np.sort(first)
         ids, scores = ids[order], scores[order]
     return ids, scores
+
+
+def residual_base(ranker: Any) -> Any:
+    """The base retrieval blend of a ranker trained with the residual objective (its scores are a correction
+    to add to the base's offsets: :mod:`ranking.residual`), else ``None``."""
+    payload = (getattr(ranker, "meta", None) or {}).get("residual_base")
+    if not payload:
+        return None
+    from ranking.blend import HybridBlend
+
+    return HybridBlend.from_dict(payload)
 
 
 def _is_user_id(value: Any) -> bool:
@@ -119,6 +131,8 @@ class Recommender:
         if blend is not None and getattr(blend, "n_sources", 0):
             raise ConfigError("this blend uses the 'source' feature, which the online path does not compute; "
                               "fit the blend with features ('ce', 'retrieval', 'log_rank')")
+        # a ranker trained with the residual objective scores a correction of its base retrieval blend
+        self.residual_base = residual_base(ranker)
         if ranker is not None:
             check_vocabulary(retriever, ranker)
             self._candidate_tokens = np.array([ranker.tokens.candidate(r).size for r in range(len(ranker.items))],
@@ -364,6 +378,8 @@ class Recommender:
             head = ce.astype(np.float64)
             if self.blend is not None and c.blend:
                 head = self._blended(ce, scores[:m])
+            elif self.residual_base is not None:
+                head = base_offsets(self.residual_base, scores[None, :m])[0] + head
             top = np.argsort(-head, kind="stable")
             order = np.r_[top, np.arange(m, ids.size)]
             final = np.r_[head, scores[m:].astype(np.float64)]

@@ -143,6 +143,12 @@ class TrainerConfig(JsonConfig):
         threads: ``torch.set_num_threads`` while training.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         progress: tqdm progress bars.
+        objective: ``"listwise"`` (softmax of the positive against sampled negatives) or ``"residual"``
+            (the cross-encoder score is added to a fixed retrieval-score offset, so it learns a correction
+            of the retrieval order; lists and offsets come from a prefix retriever, see
+            :mod:`ranking.residual`).
+        residual_tail: residual objective only: positions per user, counted from the end of the training
+            sequence, that become lists (the prefix retriever is fitted without them).
     """
 
     peft: str = "lora"
@@ -174,6 +180,8 @@ class TrainerConfig(JsonConfig):
     threads: int = 2
     device: str = "cpu"
     progress: bool = True
+    objective: str = "listwise"
+    residual_tail: int = 10
 
     def __post_init__(self) -> None:
         require(self.peft in PEFT_METHODS, f"TrainerConfig.peft must be one of {list(PEFT_METHODS)}, "
@@ -181,6 +189,9 @@ class TrainerConfig(JsonConfig):
         _positive_ints(self, ("lora_r", "lora_alpha", "adalora_target_r", "batch_size", "n_negatives",
                               "hard_pool", "positions_per_user", "min_history", "max_steps", "eval_every",
                               "patience", "val_candidates", "threads"))
+        require(self.objective in ("listwise", "residual"),
+                f"TrainerConfig.objective must be 'listwise' or 'residual', got {self.objective!r}")
+        require(self.residual_tail >= 1, f"TrainerConfig.residual_tail must be >= 1, got {self.residual_tail}")
         require(self.position_weighting in ("uniform", "linear"),
                 f"TrainerConfig.position_weighting must be 'uniform' or 'linear', got {self.position_weighting!r}")
         require(len(self.target_modules) > 0, "TrainerConfig.target_modules must name at least one projection")

@@ -212,6 +212,8 @@ class ValidationLists:
         target_col: ``(n,)`` the column of the target in ``candidates``.
         n_users: every evaluated user, including those whose target was not retrieved.
         retrieval_ndcg: NDCG@10 of the retrieval order over all ``n_users``.
+        offsets: ``(n, M)`` fixed scores added to the cross-encoder's before ranking (the residual
+            objective's retrieval offsets, :mod:`ranking.residual`); ``None`` ranks by the cross-encoder alone.
     """
 
     histories: list[np.ndarray]
@@ -219,6 +221,7 @@ class ValidationLists:
     target_col: np.ndarray
     n_users: int
     retrieval_ndcg: float
+    offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.candidates.shape[0])

@@ -4,7 +4,10 @@
   ``query``/``key``/``value``, attention output, intermediate and output projections; the scoring head is
   trained in full (``modules_to_save``). The base weights stay frozen.
 * **Loss**: per list, softmax cross-entropy of the positive against its negatives
-  (:mod:`ranking.data`: mostly hard negatives from the retriever's top K, some uniform).
+  (:mod:`ranking.data`: mostly hard negatives from the retriever's top K, some uniform). With
+  ``objective="residual"`` the lists are a prefix retriever's top M instead and each logit is the
+  cross-encoder score plus a fixed retrieval offset, so the model learns a correction of the retrieval order
+  (:mod:`ranking.residual`); the validation metric then ranks by offset + score too.
 * **Early stopping** on the validation NDCG@10 of the reranked top-M list; the best adapters are kept.
 * **Merging**: :func:`merge_adapters` folds the adapters into the base weights and returns a plain
   :class:`~ranking.encoder.CrossEncoder` (same scores, no peft at inference).
@@ -16,6 +19,8 @@ protocol split; ``python -m ranking.trainer`` does that on ml-latest-small and s
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import logging
 import math
 import random
@@ -46,6 +51,7 @@ from ranking.data import (
 )
 from ranking.encoder import CrossEncoder
 from ranking.inputs import one_pass_batch, pairwise_batch
+from ranking.residual import ResidualBatches, base_offsets, fit_base, fit_prefix_retriever, position_lists
 from ranking.scoring import score_lists
 from retrieval.trainer import torch_threads
 
@@ -156,12 +162,14 @@ def validate(ranker: CrossEncoderRanker, model: CrossEncoder, validation: Valida
     backend = TorchBackend(model, device)
     scores = score_lists(backend, ranker.tokens, ranker.mode, validation.histories, validation.candidates,
                          batch_size=batch_size)
+    if validation.offsets is not None:
+        scores = scores + validation.offsets
     return reranked_ndcg(scores, validation.target_col, validation.n_users)
 
 
 def train_ranker(ranker: CrossEncoderRanker, seqs: list[np.ndarray], pools: np.ndarray,
-                 validation: ValidationLists | None, config: TrainerConfig | None = None,
-                 ) -> tuple[CrossEncoderRanker, TrainingLog]:
+                 validation: ValidationLists | None, config: TrainerConfig | None = None, *,
+                 residual: ResidualBatches | None = None) -> tuple[CrossEncoderRanker, TrainingLog]:
     """Fine-tune ``ranker`` (its model is changed in place while training) and return a new ranker with the
     best adapters merged, plus the log.
 
@@ -171,6 +179,8 @@ def train_ranker(ranker: CrossEncoderRanker, seqs: list[np.ndarray], pools: np.n
         pools: ``(n_users, K)`` hard-negative pools (retrieval item rows, ``-1`` pads).
         validation: lists for early stopping (``None``: train ``max_steps`` and keep the last adapters).
         config: the training config.
+        residual: the residual objective's batches (:mod:`ranking.residual`): each list's logits are the
+            cross-encoder scores plus the batch's offsets, and ``seqs``/``pools`` only pick the users.
     """
     c = config or TrainerConfig()
     if pools.shape[0] != len(seqs):
@@ -212,10 +222,18 @@ def train_ranker(ranker: CrossEncoderRanker, seqs: list[np.ndarray], pools: np.n
         peft_model.train()
         for step in bar:
             tick = time.perf_counter()
-            histories, items = batches.next()
-            log_.n_train_lists = batches.drawn
+            if residual is None:
+                histories, items = batches.next()
+                target = torch.zeros(len(histories), dtype=torch.long, device=device)
+                log_.n_train_lists = batches.drawn
+            else:
+                histories, items, offsets, target_col = residual.next()
+                target = torch.as_tensor(target_col, dtype=torch.long, device=device)
+                log_.n_train_lists = residual.drawn
             scores = list_scores(model, ranker.mode, histories, items, ranker, device)
-            loss = F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=device))
+            if residual is not None:
+                scores = scores + torch.as_tensor(offsets, dtype=scores.dtype, device=device)
+            loss = F.cross_entropy(scores, target)
             if c.peft == "adalora":
                 loss = loss + 0.1 * _orthogonal_penalty(peft_model)
             optimizer.zero_grad(set_to_none=True)
@@ -260,6 +278,14 @@ def train_ranker(ranker: CrossEncoderRanker, seqs: list[np.ndarray], pools: np.n
     return trained, log_
 
 
+def warm_start(source: CrossEncoderRanker, mode: str) -> CrossEncoderRanker:
+    """An untrained-for-``mode`` ranker holding a copy of ``source``'s weights (encoder and head), to pass
+    as ``ranker=`` to :func:`fit_on_split` (same catalogue and text settings as ``source``)."""
+    return CrossEncoderRanker(copy.deepcopy(source.model), source.tokens, dataclasses.replace(source.config, mode=mode),
+                              encoder_config=source.encoder_config, tokenizer=source.tokenizer,
+                              meta={"initialised_from": source.mode})
+
+
 def fit_on_split(split: Split, retriever: Any, item_table: Any, ranker_config: RankerConfig | None = None,
                  config: TrainerConfig | None = None, *, ranker: CrossEncoderRanker | None = None,
                  ) -> tuple[CrossEncoderRanker, TrainingLog]:
@@ -283,14 +309,39 @@ def fit_on_split(split: Split, retriever: Any, item_table: Any, ranker_config: R
     if c.val_users and len(val) > c.val_users:
         val = val.sample(n=c.val_users, random_state=c.seed)
     val_users = users.rows(val["user_id"].to_numpy())
-    candidates = retrieval_rows(retriever, val["user_id"].to_numpy(), c.val_candidates, split.items)
+    val_ids, val_scores = retriever.retrieve(val["user_id"].to_numpy(), c.val_candidates, exclude_seen=True)
+    val_ids, val_scores = np.atleast_2d(val_ids), np.atleast_2d(val_scores)
+    candidates = split.items.rows(val_ids.ravel(), missing="ignore").reshape(val_ids.shape)
     targets = split.items.rows(val["item_id"].to_numpy(), missing="ignore")
     validation = validation_lists([seqs[u] for u in val_users], candidates, targets)
     log.info("validation: %d of %d users have the target in the top %d", len(validation), validation.n_users,
              c.val_candidates)
-    trained, record = train_ranker(ranker, seqs, pools, validation, c)
+    residual = None
+    if c.objective == "residual":
+        residual, base = residual_batches(retriever, split, seqs, c)
+        hit = (candidates == targets[:, None]).any(axis=1) & (targets >= 0)
+        validation.offsets = base_offsets(base, val_scores[hit])
+        ranker.meta = {**ranker.meta, "residual_base": base.to_dict()}
+    trained, record = train_ranker(ranker, seqs, pools, validation, c, residual=residual)
     trained.set_history(split.train)
     return trained, record
+
+
+def residual_batches(retriever: Any, split: Split, seqs: list[np.ndarray], config: TrainerConfig,
+                     ) -> tuple[ResidualBatches, Any]:
+    """The residual objective's training batches and its base blend: a prefix retriever (``retriever``'s
+    kind, fitted without each user's last ``residual_tail`` training events) gives the lists of those
+    positions, the base blend is fitted on them (see :mod:`ranking.residual`)."""
+    c = config
+    started = time.perf_counter()
+    prefix = fit_prefix_retriever(retriever, split, c.residual_tail)
+    lists = position_lists(prefix, seqs, c.residual_tail, c.val_candidates, c.min_history, progress=c.progress)
+    base = fit_base(lists)
+    log.info("residual lists: %d of %d positions hold the positive in the prefix retriever's top %d (%.0f s); "
+             "base weights %s", len(lists), lists.n_positions, c.val_candidates, time.perf_counter() - started,
+             base.report.get("weights"))
+    rng = np.random.default_rng(c.seed + 1)
+    return ResidualBatches(lists, base_offsets(base, lists.retrieval), rng, c.batch_size), base
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,18 +355,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     parser.add_argument("--peft", choices=("lora", "adalora"), default=None)
+    parser.add_argument("--objective", choices=("listwise", "residual"), default=None,
+                        help="residual: learn a correction on top of out-of-sample retrieval scores")
+    parser.add_argument("--residual-tail", type=int, default=None,
+                        help="residual objective: positions per user, from the end, that become lists")
+    parser.add_argument("--init", default=None,
+                        help="warm start from this saved ranker folder (same catalogue) instead of the base model")
+    parser.add_argument("--eval-at-start", action="store_true",
+                        help="evaluate before training, so early stopping can keep the starting weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from pipeline.train import load_dataset, prepare_split
 
     config = TrainerConfig.load(args.config) if args.config else TrainerConfig()
-    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("device", args.device), ("peft", args.peft))
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("device", args.device), ("peft", args.peft),
+                                   ("objective", args.objective), ("residual_tail", args.residual_tail))
                  if v is not None}
+    if args.eval_at_start:
+        overrides["eval_at_start"] = True
     config = TrainerConfig.from_dict({**config.to_dict(), **overrides})
     raw = load_dataset("ml-latest-small", args.data_path)
     split = prepare_split(raw)
     retriever = fit_retriever(args.retriever, split, "val")
-    ranker, record = fit_on_split(split, retriever, raw.items, RankerConfig(mode=args.mode), config)
+    start = None
+    if args.init:
+        start = warm_start(CrossEncoderRanker.load(args.init), args.mode)
+    ranker, record = fit_on_split(split, retriever, raw.items, RankerConfig(mode=args.mode), config, ranker=start)
     ranker.save(args.out, metrics={"val_ndcg@10": record.best_metric})
     print(f"saved {args.out}: best validation NDCG@10 {record.best_metric:.4f} at step {record.best_step} "
           f"(retrieval order {record.retrieval_metric:.4f}), {record.seconds:.0f} s")

@@ -90,3 +90,18 @@ def test_save_load_round_trip_and_errors(tmp_path):
         HybridBlend.load(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="ce"):
         BlendConfig(features=("retrieval",))
+
+
+def test_text_similarity_signal_takes_the_best_match_among_the_last_history_items():
+    from benchmarks.blend_signals import text_similarity
+
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    histories = [np.array([0, 1]), np.empty(0, np.int64)]
+    candidates = np.array([[2, 3, -1], [2, 3, 0]])
+    last2 = text_similarity(emb, histories, np.array([0, 1]), candidates, last=2)
+    np.testing.assert_allclose(last2[0, :2], [0.8, 0.0])  # item 2 is closest to item 1; item 3 to item 1 (0.0)
+    assert np.isneginf(last2[0, 2]) and np.isneginf(last2[1]).all()  # padding; a user without history
+    last1 = text_similarity(emb, histories, np.array([0, 1]), candidates, last=1)
+    np.testing.assert_allclose(last1[0, :2], [0.8, 0.0])
+    first_only = text_similarity(emb, [np.array([1, 0])], np.array([0]), candidates[:1], last=1)
+    np.testing.assert_allclose(first_only[0, :2], [0.6, -1.0])  # only the latest item (0) counts

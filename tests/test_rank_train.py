@@ -158,8 +158,10 @@ def test_adalora_trains_through_the_same_interface(tokenizer):
     assert np.isfinite(trained.score([100, 102], [101, 103])).all()
 
 
-def test_fit_on_split_runs_the_protocol_recipe(tokenizer, block_events):
-    """Retrieval candidates -> hard negatives and validation lists -> a trained, merged ranker."""
+@pytest.mark.parametrize("objective", ["listwise", "residual"])
+def test_fit_on_split_runs_the_protocol_recipe(tokenizer, block_events, objective):
+    """Retrieval candidates -> hard negatives and validation lists -> a trained, merged ranker. The residual
+    objective's lists come from a prefix ALS fitted without each user's last 2 training events."""
     from data.protocol import leave_one_out
     from ranking.trainer import fit_on_split
     from retrieval.cf import ALSConfig, ALSRetriever
@@ -171,10 +173,16 @@ def test_fit_on_split_runs_the_protocol_recipe(tokenizer, block_events):
     ranker = CrossEncoderRanker.build(block_events.items, split.items, RankerConfig(text=TEXT),
                                       encoder=tiny_encoder(len(tok)), tokenizer=tok)
     config = TrainerConfig(max_steps=4, eval_every=2, batch_size=4, n_negatives=3, hard_pool=10, val_candidates=10,
-                           positions_per_user=2, min_history=1, progress=False, threads=1)
+                           positions_per_user=2, min_history=1, progress=False, threads=1, objective=objective,
+                           residual_tail=2)
     trained, record = fit_on_split(split, retriever, block_events.items, config=config, ranker=ranker)
     assert record.steps >= 2 and record.history and 0 <= record.retrieval_metric <= 1
     user = int(split.users.ids[0])
     assert trained.history_of(user).size == (split.train.frame["user_id"] == user).sum()
     ids, scores = trained.rank(user, [100, 101, 200, 201])
     assert sorted(ids.tolist()) == [100, 101, 200, 201] and np.all(np.diff(scores) <= 0)
+    if objective == "residual":  # the base blend travels with the model
+        base = trained.meta["residual_base"]
+        assert base["kind"] == "hybrid_blend" and base["report"]["lists"] > 0
+    else:
+        assert "residual_base" not in trained.meta

@@ -389,6 +389,32 @@ def test_a_blend_orders_the_shortlist_by_the_hybrid_score(tiny, loaded, tmp_path
     np.testing.assert_allclose([i.score for i in result.items], np.sort(hybrid)[::-1], rtol=1e-4, atol=1e-6)
 
 
+def test_a_residual_ranker_is_served_as_its_base_plus_its_correction(tiny, tmp_path):
+    """A ranker trained with the residual objective carries its base retrieval blend; with no fitted blend the
+    recommender orders the top-M by base offset + cross-encoder score, not by the correction alone."""
+    from ranking.blend import HybridBlend
+    from ranking.cross_encoder import CrossEncoderRanker
+    from ranking.residual import base_offsets
+
+    rng = np.random.default_rng(1)
+    retrieval = np.sort(rng.normal(size=(200, 20)), axis=1)[:, ::-1].copy()
+    base = HybridBlend().fit(np.zeros_like(retrieval), retrieval, np.minimum(rng.geometric(0.3, 200) - 1, 19))
+    ranker = CrossEncoderRanker.load(tiny["ranker"])
+    ranker.meta["residual_base"] = base.to_dict()
+    folder = ranker.save(tmp_path / "residual")
+    rec = Recommender.load(tiny["artifact"], folder,
+                           config=RecommenderConfig(retrieve_k=40, max_m=20, min_m=3, calibrate=False))
+    user = known_user(tiny, 5)
+    result = rec.recommend(user, k=20, budget_ms=60_000)
+    rec.close()
+    assert result.path == "reranked"
+    ids, scores = rec.retriever.retrieve(user, 40)
+    ce = rec.ranker.score(rec.retriever.stored_history(user), ids[:20])
+    expected = base_offsets(base, scores[None, :20])[0] + ce
+    assert result.item_ids == ids[:20][np.argsort(-expected, kind="stable")].tolist()
+    np.testing.assert_allclose([i.score for i in result.items], np.sort(expected)[::-1], rtol=1e-4, atol=1e-6)
+
+
 def test_allow_and_deny_filter_the_candidates(tiny, loaded):
     user = known_user(tiny, 4)
     base = loaded.recommend(user, k=10, budget_ms=60_000, explain=False)
