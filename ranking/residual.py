@@ -103,6 +103,7 @@ def position_lists(retriever: Any, seqs: list[np.ndarray], tail: int, m: int, mi
         min_history: a position needs at least this many events before it.
     """
     items = np.asarray(retriever.item_factors, dtype=np.float32)
+    m = min(int(m), items.shape[0])
     positions = [(u, t) for u, s in enumerate(seqs) for t in range(max(min_history, s.size - tail), s.size)]
     histories, cands, scores, cols, owners = [], [], [], [], []
     for start in tqdm(range(0, len(positions), batch), desc="residual lists", disable=not progress):
@@ -116,7 +117,7 @@ def position_lists(retriever: Any, seqs: list[np.ndarray], tail: int, m: int, mi
             target_score = float(s[target])
             s[seq] = -np.inf  # every item of this user, at any time, is neither a negative nor unseen ...
             s[target] = target_score  # ... except the positive
-            top = np.argpartition(-s, m)[:m]
+            top = np.argpartition(-s, m - 1)[:m]
             top = top[np.argsort(-s[top], kind="stable")]
             hit = np.flatnonzero(top == target)
             if hit.size == 0:

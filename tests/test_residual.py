@@ -69,6 +69,10 @@ def test_position_lists_known_answers():
     np.testing.assert_array_equal(lists.histories[1], [5, 3, 8, 9])
     assert np.all(np.diff(lists.retrieval, axis=1) <= 0)
     assert lists.retrieval[0, 0] == pytest.approx(100 - 9)
+    # a depth beyond the catalogue gives every item; the user's other items are there as -inf (never chosen)
+    deep = position_lists(NextRowRetriever(), seqs[:1], tail=1, m=50, progress=False)
+    assert deep.candidates.shape == (1, N_ITEMS)
+    assert np.isneginf(deep.retrieval[0]).sum() == 4 and np.isfinite(deep.retrieval[0, deep.target_col[0]])
 
 
 def test_base_is_fitted_on_retrieval_and_keeps_its_order():
