@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retriever", default="als", help="retriever name for candidates (als, two_tower, ...)")
     parser.add_argument("--config", default=None, help="TrainerConfig JSON file (fields override defaults)")
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--patience", type=int, default=None, help="evaluations without a gain before stopping")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     parser.add_argument("--peft", choices=("lora", "adalora"), default=None)
     parser.add_argument("--objective", choices=("listwise", "residual"), default=None,
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.train import load_dataset, prepare_split
 
     config = TrainerConfig.load(args.config) if args.config else TrainerConfig()
-    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("device", args.device), ("peft", args.peft),
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("patience", args.patience),
+                                   ("device", args.device), ("peft", args.peft),
                                    ("objective", args.objective), ("residual_tail", args.residual_tail))
                  if v is not None}
     if args.eval_at_start:
