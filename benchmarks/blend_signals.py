@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         key = f"cross-encoder {name}"
         signals[key] = {}
         for stage, lists in stages.items():
-            ranker.set_history(split.history("val" if stage == "val" else "test"))
+            ranker.set_history(split.history(stage))
             signals[key][stage] = cross_scores(ranker, lists, lists["scored"], depth, not args.quiet,
                                                f"{name} {stage}")
         if "residual_base" in ranker.meta:
