@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ranking.blend import HybridBlend
     from ranking.cross_encoder import CrossEncoderRanker
     from ranking.data import fit_retriever, user_sequences
-    from ranking.residual import base_offsets
+    from ranking.residual import base_offsets, residual_base
     from retrieval.item_features import default_cache_dir, encode_texts, item_rows_table
 
     started = time.perf_counter()
@@ -105,9 +105,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ranker.set_history(split.history(stage))
             signals[key][stage] = cross_scores(ranker, lists, lists["scored"], depth, not args.quiet,
                                                f"{name} {stage}")
-        if "residual_base" in ranker.meta:
-            residual_bases[f"residual {name}: base + cross-encoder"] = (
-                HybridBlend.from_dict(ranker.meta["residual_base"]), signals[key]["test"])
+        base = residual_base(ranker)
+        if base is not None:
+            residual_bases[f"residual {name}: base + cross-encoder"] = (base, signals[key]["test"])
 
     test = stages["test"]
     n_items = len(split.items)

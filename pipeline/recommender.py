@@ -50,7 +50,7 @@ from pipeline.loading import check_vocabulary, load_parts
 from pipeline.microbatch import MicroBatcher, ranker_scorer
 from pipeline.recommender_config import RecommenderConfig
 from pipeline.response import PATHS, STAGES, Recommendation, RecommendedItem
-from ranking.residual import base_offsets
+from ranking.residual import base_offsets, residual_base
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,6 @@ def filter_candidates(ids: np.ndarray, scores: np.ndarray, *, allow: np.ndarray 
         order = np.sort(first)
         ids, scores = ids[order], scores[order]
     return ids, scores
-
-
-def residual_base(ranker: Any) -> Any:
-    """The base retrieval blend of a ranker trained with the residual objective (its scores are a correction
-    to add to the base's offsets: :mod:`ranking.residual`), else ``None``."""
-    payload = (getattr(ranker, "meta", None) or {}).get("residual_base")
-    if not payload:
-        return None
-    from ranking.blend import HybridBlend
-
-    return HybridBlend.from_dict(payload)
 
 
 def _is_user_id(value: Any) -> bool:

@@ -141,6 +141,13 @@ def fit_base(lists: ResidualLists) -> HybridBlend:
     return HybridBlend().fit(np.zeros_like(lists.retrieval), lists.retrieval, lists.target_col)
 
 
+def residual_base(ranker: Any) -> HybridBlend | None:
+    """The base blend a ranker trained with the residual objective carries in ``meta["residual_base"]`` (its
+    scores are a correction to add to :func:`base_offsets`), else ``None``."""
+    payload = (getattr(ranker, "meta", None) or {}).get("residual_base")
+    return HybridBlend.from_dict(payload) if payload else None
+
+
 def base_offsets(base: HybridBlend, retrieval: np.ndarray) -> np.ndarray:
     """``(n, M)`` offsets ``X @ w`` of the base blend (``-inf`` where retrieval is not finite)."""
     retrieval = np.asarray(retrieval, dtype=np.float64)
