@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import DEFAULT_DATA, ml_benchmark_parser, write_results
-from benchmarks.rerank import cross_scores, rerank_rows, stage_lists, val_retriever
+from benchmarks.rerank_title import cross_scores, rerank_rows, stage_lists, val_retriever
 from data.errors import ArtifactError
 from data.metrics import evaluate_rankings, paired_bootstrap_ci
 

@@ -4,13 +4,13 @@
         [--backends torch torch-int8 torch-bf16 onnx onnx-int8] [--M 20 50 100] [--users 300]
         [--pairwise-users 50] [--latency-users 30] [--threads 2] [--quick]
 
-Same protocol as ``benchmarks.rerank`` (its helpers are reused): the LlamaRec leave-one-out split, the
+Same protocol as ``benchmarks.rerank_title`` (its helpers are reused): the LlamaRec leave-one-out split, the
 two-tower retriever fitted on the training events and given the test history, each test user's top-M
 reranked and the rest of the retrieval order kept, full-catalogue NDCG@10 of that final list with a 95%
 bootstrap interval.
 
 **Models.** The 6-layer teachers are ``ARTIFACTS/two_tower-one_pass`` and ``ARTIFACTS/two_tower-pairwise``
-(loaded through ``benchmarks.rerank.load_or_train``, which trains them when missing: slow). Students are
+(loaded through ``benchmarks.rerank_title.load_or_train``, which trains them when missing: slow). Students are
 ``ARTIFACTS/student-{k}l`` and ``ARTIFACTS/student-{k}l-pairwise`` (``python -m ranking.distill``), shaped as
 :data:`STUDENT_SHAPES` says (the one-pass 2-layer student: 8-token candidate text, feed-forward pruned to
 512 neurons); a student that is missing, fails :func:`ranking.student.verify_student`, was distilled from
@@ -70,7 +70,7 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_DATA, RESULTS, write_results
 from benchmarks.naive import catalogue_texts, naive_rank
-from benchmarks.rerank import cross_scores, load_or_train, rerank_rows, stage_lists, val_retriever
+from benchmarks.rerank_title import cross_scores, load_or_train, rerank_rows, stage_lists, val_retriever
 from data.errors import ArtifactError, ConfigError, ShortlistError
 from data.metrics import evaluate_rankings, paired_bootstrap_ci
 from pipeline.report import markdown_table
@@ -131,7 +131,7 @@ def model_sha256(folder: Path) -> str | None:
 def load_teachers(modes: list[str], retriever: Any, split: Any, item_table: Any, folder: Path,
                   threads: int, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The 6-layer teachers per mode (one-pass always: the pairwise teacher is warm-started from it when it
-    has to be trained, as ``benchmarks.rerank`` does)."""
+    has to be trained, as ``benchmarks.rerank_title`` does)."""
     overrides: dict[str, Any] = {"threads": threads, "progress": progress}
     teachers, info = {}, {}
     teachers["one_pass"], info["one_pass"] = load_or_train("one_pass", RETRIEVER, retriever, split, item_table,

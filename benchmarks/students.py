@@ -9,7 +9,7 @@ compares student variants (layers, candidate text, pruned feed-forward width, ea
 their teacher on the same lists, on all test users by default:
 
 * **NDCG@10** of the final list (the retrieval top-M reranked by the ranker, the rest of the retrieval order
-  kept: the ``benchmarks.rerank`` protocol) with a bootstrap interval;
+  kept: the ``benchmarks.rerank_title`` protocol) with a bootstrap interval;
 * **dNDCG@10_vs_teacher**: the mean per-user difference from the teacher with a *paired* bootstrap
   interval (much narrower than either model's own interval);
 * **spearman_vs_teacher**: the mean Spearman correlation of the student's and the teacher's scores over
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import DEFAULT_DATA, ml_benchmark_parser, write_results
-from benchmarks.rerank import cross_scores, rerank_rows, stage_lists, val_retriever
+from benchmarks.rerank_title import cross_scores, rerank_rows, stage_lists, val_retriever
 from data.errors import ArtifactError
 from data.metrics import evaluate_rankings, paired_bootstrap_ci
 

@@ -86,21 +86,40 @@ def coverage_at_k(ranked: np.ndarray, k: int, n_items: int) -> float:
     return float(np.unique(top[top != -1]).size / n_items)
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-user ``values`` (users resampled with replacement)."""
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
+                 clusters: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-case ``values``.
+
+    Cases are resampled with replacement; with ``clusters`` (one label per case, e.g. the user of each
+    ``last-n`` test case) whole clusters are resampled instead, because one user's cases are not
+    independent, and each replicate's mean is taken over the cases of the drawn clusters.
+    """
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
-    for b in range(n_boot):  # chunked to bound memory at any user count
-        means[b] = values[rng.integers(0, values.size, values.size)].mean()
+    if clusters is None:
+        for b in range(n_boot):  # chunked to bound memory at any user count
+            means[b] = values[rng.integers(0, values.size, values.size)].mean()
+    else:
+        clusters = np.asarray(clusters)
+        if clusters.shape != values.shape:
+            raise DataValidationError(f"clusters must give one label per value: {clusters.shape} vs {values.shape}")
+        _, label = np.unique(clusters, return_inverse=True)
+        sums = np.bincount(label, weights=values)
+        counts = np.bincount(label).astype(np.float64)
+        k = sums.size
+        for b in range(n_boot):
+            draw = rng.integers(0, k, k)
+            means[b] = sums[draw].sum() / counts[draw].sum()
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 
 def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, **kwargs: Any) -> tuple[float, float]:
-    """Interval of mean(a - b) over the same users: whether method a beats method b."""
+    """Interval of mean(a - b) over the same cases: whether method a beats method b (``clusters=`` as in
+    :func:`bootstrap_ci`)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise DataValidationError(f"paired_bootstrap_ci: shapes differ {a.shape} vs {b.shape}")
@@ -150,8 +169,10 @@ def evaluate_rankings(
     ci_metrics: Sequence[str] = ("Recall@10", "NDCG@10", "MRR@10"),
     n_boot: int = 1000,
     seed: int = 0,
+    clusters: np.ndarray | None = None,
 ) -> MetricReport:
-    """Recall@K, NDCG@K and MRR@K for each K in ``ks`` plus Coverage@K, with intervals for ``ci_metrics``."""
+    """Recall@K, NDCG@K and MRR@K for each K in ``ks`` plus Coverage@K, with intervals for ``ci_metrics``
+    (``clusters``: one label per row, resampled as whole clusters; see :func:`bootstrap_ci`)."""
     ranked = np.asarray(ranked)
     if ranked.shape[1] < max(ks):
         raise DataValidationError(f"ranked has {ranked.shape[1]} columns; need at least max(ks)={max(ks)}")
@@ -165,5 +186,6 @@ def evaluate_rankings(
     users = np.arange(ranked.shape[0]) if users is None else np.asarray(users)
     ci = {}
     if n_boot > 0:
-        ci = {m: bootstrap_ci(per_user[m], n_boot=n_boot, seed=seed) for m in ci_metrics if m in per_user}
+        ci = {m: bootstrap_ci(per_user[m], n_boot=n_boot, seed=seed, clusters=clusters)
+              for m in ci_metrics if m in per_user}
     return MetricReport(per_user=per_user, coverage=coverage, users=users, ci=ci)

@@ -8,6 +8,15 @@
    item joins the user's history (``Split.history("test")``).
 
 On ml-latest-small this yields 610 users and 3,650 items, the counts the paper reports.
+
+A second protocol, **last-n** (:func:`last_n`, n=5 by default), gives about five times as many test cases
+and so narrower paired intervals: each user's last n events are test cases, each scored from its own
+prefix (every event before it, earlier test events included); models train on the events before them and
+validate on the event just before the first test case (one per user). On ml-latest-small that is 3,050
+test cases. :meth:`Split.cases` gives the cases of any split with their histories, and metrics of
+several cases per user take their intervals by resampling users (``clusters=`` in
+:func:`data.metrics.bootstrap_ci`), since one user's cases are not independent.
+
 A global temporal split (:func:`temporal_split`) is available too.
 """
 
@@ -24,6 +33,8 @@ from data.errors import DataValidationError
 from data.vocab import IdVocab
 
 STAGES = ("val", "test")
+#: The splits whose test stage has one case per test event with its own prefix as history.
+PROTOCOLS = ("leave_one_out", "last_n")
 
 
 @dataclass
@@ -78,6 +89,43 @@ def apply_filters(data: Interactions, config: ProtocolConfig | None = None) -> I
 
 
 @dataclass
+class EvalCases:
+    """Evaluation cases: a target item and the history (item ids, oldest first) a model may read for it.
+
+    Attributes:
+        users: ``(n,)`` the user id of each case (a user may have several cases; they are sorted by user,
+            then time).
+        targets: ``(n,)`` the held-out item id of each case.
+        histories: per case, the visible item ids in time order (what is masked as seen).
+        stage: ``"val"`` or ``"test"``.
+        protocol: the split kind the cases come from (``"leave_one_out"``, ``"last_n"``...).
+    """
+
+    users: np.ndarray
+    targets: np.ndarray
+    histories: list[np.ndarray]
+    stage: str = "test"
+    protocol: str = "leave_one_out"
+
+    def __len__(self) -> int:
+        return int(self.targets.size)
+
+    @property
+    def relevant(self) -> list[np.ndarray]:
+        """One relevant set per case (its target), as :func:`data.metrics.evaluate_rankings` takes it."""
+        return [np.array([t], dtype=np.int64) for t in self.targets.tolist()]
+
+    @property
+    def one_per_user(self) -> bool:
+        return np.unique(self.users).size == self.users.size
+
+    def subset(self, index: np.ndarray) -> EvalCases:
+        index = np.asarray(index, dtype=np.int64)
+        return EvalCases(self.users[index], self.targets[index], [self.histories[i] for i in index.tolist()],
+                         self.stage, self.protocol)
+
+
+@dataclass
 class Split:
     """Train events plus held-out validation and test events, over fixed user and item vocabularies.
 
@@ -87,7 +135,7 @@ class Split:
         test: held-out test events.
         users: every user of the filtered dataset.
         items: the catalogue: every item of the filtered dataset.
-        kind: ``"leave_one_out"`` or ``"temporal"``.
+        kind: ``"leave_one_out"``, ``"last_n"`` or ``"temporal"``.
     """
 
     train: Interactions
@@ -109,6 +157,33 @@ class Split:
         """The held-out events of ``stage`` (``user_id``, ``item_id``, ``timestamp``)."""
         _check_stage(stage)
         return self.val if stage == "val" else self.test
+
+    def cases(self, stage: str) -> EvalCases:
+        """The evaluation cases of ``stage``, each with the history a model may read for it.
+
+        Validation (every kind) and leave-one-out test: one case per held-out event, the history being
+        ``history(stage)``'s events of that user. ``last_n`` test: one case per test event, its history being
+        every earlier event of the user (train, validation and earlier test events). A temporal split's
+        test cases all read ``history("test")`` (their user's events before the test period).
+        """
+        _check_stage(stage)
+        targets = self.targets(stage).sort_values([USER, TIME, ITEM], kind="stable").reset_index(drop=True)
+        visible = self.history(stage).sorted_frame()
+        base = {int(u): g.to_numpy(dtype=np.int64) for u, g in visible.groupby(USER, sort=False)[ITEM]}
+        empty = np.empty(0, dtype=np.int64)
+        histories: list[np.ndarray] = []
+        users = targets[USER].to_numpy(dtype=np.int64)
+        items = targets[ITEM].to_numpy(dtype=np.int64)
+        grow = stage == "test" and self.kind == "last_n"
+        previous, extra = None, []
+        for u, i in zip(users.tolist(), items.tolist()):
+            if u != previous:
+                previous, extra = u, []
+            prefix = base.get(u, empty)
+            histories.append(np.concatenate([prefix, np.asarray(extra, dtype=np.int64)]) if extra else prefix)
+            if grow:
+                extra.append(i)
+        return EvalCases(users=users, targets=items, histories=histories, stage=stage, protocol=self.kind)
 
     def stats(self) -> dict[str, int | float | str]:
         n = len(self.train) + len(self.val) + len(self.test)
@@ -148,6 +223,49 @@ def leave_one_out(data: Interactions) -> Split:
         items=data.item_vocab(),
         kind="leave_one_out",
     )
+
+
+def last_n(data: Interactions, n: int = 5) -> Split:
+    """The ``last-n`` protocol: per user (events ordered by time, then item id), the last ``n`` events are
+    test cases, the one before them is the validation target, the rest is training.
+
+    A user with fewer than ``n + 3`` events keeps at least two training events and one validation event,
+    so gives ``len - 3`` test cases (the 5-core filter guarantees 5 events, so at least 2). Each test case is
+    scored from its own prefix (:meth:`Split.cases`); ``history("test")`` is train + validation, the
+    history before a user's first test case.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DataValidationError(f"last_n: n must be an integer >= 1, got {n!r}")
+    f = data.sorted_frame()
+    counts = f.groupby(USER)[ITEM].transform("size").to_numpy()
+    if (counts < 4).any():
+        short = f.loc[counts < 4, USER].unique()[:5].tolist()
+        raise DataValidationError(
+            f"last_n: users {short} have fewer than 4 events (2 to train on, 1 to validate, 1 to test); apply "
+            "the k-core filter first"
+        )
+    position_from_end = f.groupby(USER).cumcount(ascending=False).to_numpy()
+    n_test = np.minimum(int(n), counts - 3)
+    test = f[position_from_end < n_test]
+    val = f[position_from_end == n_test]
+    train = f[position_from_end > n_test]
+    return Split(
+        train=data.with_frame(train, name=f"{data.name}:train"),
+        val=val.reset_index(drop=True),
+        test=test.reset_index(drop=True),
+        users=data.user_vocab(),
+        items=data.item_vocab(),
+        kind="last_n",
+    )
+
+
+def make_split(data: Interactions, protocol: str = "leave_one_out", n: int = 5) -> Split:
+    """Step 4 under ``protocol``: ``"leave_one_out"`` (LlamaRec's, the headline) or ``"last_n"``."""
+    if protocol == "leave_one_out":
+        return leave_one_out(data)
+    if protocol == "last_n":
+        return last_n(data, n)
+    raise DataValidationError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
 
 
 def temporal_split(data: Interactions, val_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:

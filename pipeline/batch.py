@@ -87,7 +87,8 @@ def generate_candidates(
     """Write ``user_id, rank, item_id, score`` rows (rank 1 is best) for every user, atomically.
 
     ``users`` defaults to every user the retriever knows; padding (-1) rows are dropped. With a ``ranker``
-    the top ``rerank_m`` of each list are reranked (:func:`rerank_lists`, with ``blend`` when given) using
+    the top ``rerank_m`` of each list are reranked (:func:`rerank_lists`, with ``blend`` when given, else the
+    ranker's own hybrid head when it carries one) using
     each user's history (``histories(user_id)``, default: the history the retriever holds), and the file
     also gets ``retrieval_score``, ``rerank_score`` and ``reranked`` columns; reranking runs in batches of
     at most 64 users under a progress bar.
@@ -102,6 +103,10 @@ def generate_candidates(
 
         check_vocabulary(retriever, ranker)
         histories = histories or (lambda u: stored_history(retriever, u))
+        if blend is None and getattr(ranker, "hybrid_head", None):  # the ranker's own validation-fitted head
+            from ranking.blend import HybridBlend
+
+            blend = HybridBlend.from_dict(ranker.hybrid_head)
         batch_size = min(batch_size, 64)
     m = min(int(rerank_m), k) if ranker is not None else 0
     started = time.perf_counter()

@@ -1,8 +1,9 @@
 """``shortlist`` command line: a thin shell over the job functions.
 
     shortlist train      [--model hybrid|two_tower|als|bpr|popularity] [--dataset ml-latest-small] [--data-path DIR]
-    shortlist evaluate   [--artifacts artifacts]
-    shortlist recommend  --user ID [--k 10]
+    shortlist train-ranker [--steps 600] [--student-steps 200] [--artifacts artifacts]
+    shortlist evaluate   [--artifacts artifacts] [--ranker auto|DIR]
+    shortlist recommend  --user ID [--k 10] [--ranker auto|DIR]
     shortlist candidates --out FILE.parquet [--k 100] [--rerank RANKER_DIR [--rerank-m 50] [--blend FILE]]
     shortlist embeddings --out DIR
     shortlist serve      [--artifacts artifacts] [--ranker DIR] [--host 127.0.0.1] [--port 8000] [--threads 1]
@@ -51,10 +52,53 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_ranker(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pipeline.report import markdown_table
+    from pipeline.second_stage import DEMO_STUDENT, DEMO_TRAINER, SecondStageConfig, train_artifact_ranker
+
+    trainer = dataclasses.replace(DEMO_TRAINER, max_steps=args.steps, threads=args.threads,
+                                  eval_every=max(1, min(DEMO_TRAINER.eval_every, args.steps)))
+    student = dataclasses.replace(DEMO_STUDENT, max_steps=args.student_steps, threads=args.threads,
+                                  eval_every=max(1, min(DEMO_STUDENT.eval_every, args.student_steps)))
+    config = SecondStageConfig(trainer=trainer, student_trainer=student, data_path=args.data_path,
+                               student_layers=() if args.student_steps == 0 else (1,), retrain=True)
+    result = train_artifact_ranker(args.artifacts, config)
+    rows = []
+    for name, part in (("teacher", result.teacher), ("student", result.student)):
+        if not part:
+            continue
+        training, head = part.get("training") or {}, (part.get("hybrid_head") or {}).get("report", {})
+        rows.append({"ranker": name, "steps": training.get("steps"), "best step": training.get("best_step"),
+                     "lists/s": round(training.get("lists_per_s", 0.0), 1),
+                     "val NDCG@10 alone": training.get("best_metric"),
+                     "val NDCG@10 retrieval": training.get("retrieval_metric"),
+                     "hybrid head CV NDCG@10": head.get("cv_ndcg@10_blend"),
+                     "hybrid head used": head.get("use_blend"), "folder": part["folder"]})
+    print("\n## Second stage: item-token reranker (validation, top-50 of the artifact's retriever)\n")
+    print(markdown_table(rows, list(rows[0])))
+    print("\nThe hybrid head is served only where it beat the retrieval order in cross-validation on the "
+          "validation users;\nelse the recommender keeps the retrieval order and skips the reranker.")
+    print(f"\nTrained in {result.seconds:.0f} s (a short demo budget; the benchmark's models train for an hour: "
+          "python -m pipeline.second_stage)")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate_artifact
+    from pipeline.evaluate import evaluate_artifact, evaluate_two_stage, resolve_ranker
     from pipeline.report import markdown_table
 
+    if resolve_ranker(args.ranker, args.artifacts) is not None:
+        out = evaluate_two_stage(args.artifacts, args.ranker, data_path=args.data_path)
+        rows = [out["retrieval"].row("retrieval only"), out["two_stage"].row("two-stage (served)")]
+        rows[1]["dNDCG@10"], rows[1]["dNDCG@10_ci"] = out["dNDCG@10"], list(out["dNDCG@10_ci"])
+        print(f"## Retrieval against the served two-stage list (test split, same users; ranker {out['ranker']})\n")
+        print(markdown_table(rows, ["method", "NDCG@10", "Recall@10", "MRR@10", "dNDCG@10"]))
+        print(f"\npaths: {out['paths']}; hybrid head used: {out['blend_used']}")
+        if args.json:
+            print(json.dumps({"retrieval": rows[0], "two_stage": rows[1]}, indent=2))
+        return 0
     report, manifest = evaluate_artifact(args.artifacts, args.data_path)
     print(f"## {manifest['version']} on {manifest['data']['name']} (test split)\n")
     print(markdown_table([report.row(manifest["model"])], METRIC_COLUMNS))
@@ -65,8 +109,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _recommend(args: argparse.Namespace) -> int:
     from pipeline.artifacts import load_artifact
+    from pipeline.evaluate import resolve_ranker
     from pipeline.report import markdown_table
 
+    folder = resolve_ranker(args.ranker, args.artifacts)
+    if folder is not None:
+        return _recommend_two_stage(args, folder)
     artifact = load_artifact(args.artifacts)
     retriever = artifact.retriever
     known = args.user in retriever.users
@@ -84,6 +132,44 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recommend_two_stage(args: argparse.Namespace, folder) -> int:
+    from pipeline.recommender import Recommender
+    from pipeline.recommender_config import RecommenderConfig
+    from pipeline.report import markdown_table
+
+    rec = Recommender.load(args.artifacts, folder, backend=args.backend,
+                           config=RecommenderConfig(max_m=args.max_m, threads=args.threads))
+    rec.warm_up()
+    history = rec.history(args.user)
+    ids, _ = rec.retriever.retrieve_history(history, args.k, exclude_seen=True) if history.size else \
+        rec.retriever.popular_items(args.k)
+    out = rec.recommend(args.user, k=args.k, budget_ms=args.budget_ms)
+    rec.close()
+    before = {int(i): r + 1 for r, i in enumerate(ids) if i != -1}
+    titles = rec._title
+    print(f"## User {args.user}: {history.size} events; the last 5: "
+          + "; ".join(str(titles(int(i))) for i in history[-5:][::-1]) + "\n")
+    print(f"### Retrieval order (first stage, top {args.k})\n")
+    print(markdown_table([{"rank": r, "item_id": i, "title": titles(i)} for i, r in before.items()],
+                         ["rank", "item_id", "title"]))
+    rows = []
+    for item in out.items:
+        was = before.get(item.item_id)
+        move = "new" if was is None else ("=" if was == item.rank else f"{was - item.rank:+d}")
+        rows.append({"rank": item.rank, "move": move, "item_id": item.item_id, "title": item.title,
+                     "score": item.score, "retrieval score": item.retrieval_score,
+                     "reranker score": item.rerank_score if item.rerank_score is not None else ""})
+    print(f"\n### Served list (path {out.path}, {out.reranked_m} candidates reranked"
+          f"{', degraded: ' + str(out.degraded_reason) if out.degraded else ''})\n")
+    print(markdown_table(rows, ["rank", "move", "item_id", "title", "score", "retrieval score", "reranker score"]))
+    stages = {k: round(v, 2) for k, v in out.timings_ms.items()}
+    print(f"\nper-stage latency (ms, budget {out.budget_ms:.0f}): {stages}")
+    if not rec.rerank_pays:
+        print("the hybrid head did not beat the retrieval order on validation, so the reranker is skipped and the "
+              "retrieval order is served")
+    return 0
+
+
 def _candidates(args: argparse.Namespace) -> int:
     from pipeline.artifacts import load_artifact
     from pipeline.batch import generate_candidates
@@ -91,9 +177,9 @@ def _candidates(args: argparse.Namespace) -> int:
     artifact = load_artifact(args.artifacts)
     ranker = blend = None
     if args.rerank:
-        from ranking.cross_encoder import CrossEncoderRanker
+        from ranking.loading import load_ranker
 
-        ranker = CrossEncoderRanker.load(args.rerank, load_tokenizer=False)
+        ranker = load_ranker(args.rerank, load_tokenizer=False)
         if args.threads:
             import torch
 
@@ -148,8 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     artifacts_arg(p)
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("train-ranker", help="train the second stage (item-token reranker + student) for an artifact")
+    p.add_argument("--steps", type=int, default=600, help="teacher training steps (default: a 3-minute demo run)")
+    p.add_argument("--student-steps", type=int, default=200, help="distillation steps (0: no student)")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    artifacts_arg(p)
+    p.set_defaults(func=_train_ranker)
+
     p = sub.add_parser("evaluate", help="re-score the saved artifact on the test split")
     p.add_argument("--data-path", default=None)
+    p.add_argument("--ranker", default=None, metavar="auto|DIR",
+                   help="also score the served two-stage list with this ranker (auto: train-ranker's student)")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     artifacts_arg(p)
     p.set_defaults(func=_evaluate)
@@ -157,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", help="top-k items for one user, with titles")
     p.add_argument("--user", type=int, required=True, help="external user id (unknown ids get popular items)")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--ranker", default=None, metavar="auto|DIR",
+                   help="rerank with this ranker and show the list before and after (auto: train-ranker's student)")
+    p.add_argument("--backend", default="torch", help="the ranker's backend (torch, torch-int8)")
+    p.add_argument("--budget-ms", type=float, default=50.0)
+    p.add_argument("--max-m", type=int, default=50, help="most candidates reranked")
+    p.add_argument("--threads", type=int, default=1, help="serving threads")
     artifacts_arg(p)
     p.set_defaults(func=_recommend)
 

@@ -31,3 +31,59 @@ def evaluate_artifact(artifacts: str | Path = "artifacts", data_path: str | None
     report = evaluate_retriever(artifact.retriever, split, "test", ks=train_cfg.ks, n_boot=n_boot,
                                 seed=train_cfg.seed)
     return report, artifact.manifest
+
+
+def resolve_ranker(ranker: str | Path | None, artifacts: str | Path = "artifacts") -> Path | None:
+    """``None`` -> ``None``; ``"auto"`` -> the served student of ``artifacts``' LATEST version (what
+    ``shortlist train-ranker`` wrote; ``None`` when there is none); anything else is taken as a folder."""
+    if ranker is None:
+        return None
+    if str(ranker) != "auto":
+        return Path(ranker)
+    from pipeline.second_stage import STUDENT_DIR, ranker_folder
+
+    folder = ranker_folder(artifacts) / STUDENT_DIR
+    return folder if (folder / "manifest.json").is_file() else None
+
+
+def evaluate_two_stage(artifacts: str | Path = "artifacts", ranker: str | Path = "auto", *,
+                       data_path: str | None = None, max_m: int = 50, budget_ms: float = 1000.0,
+                       backend: str = "torch", seed: int = 0) -> dict:
+    """Retrieval alone against the served two-stage list on the artifact's test split, on the same users.
+
+    Every test user goes through :meth:`~pipeline.recommender.Recommender.recommend` with the ranker (its
+    hybrid head and fallback rules included; a generous ``budget_ms`` so no request degrades for lack of
+    time). Returns ``{"retrieval": report, "two_stage": report, "dNDCG@10": mean, "dNDCG@10_ci": (lo, hi),
+    "paths": {...}, "ranker": folder}``.
+    """
+    import numpy as np
+
+    from data.metrics import paired_bootstrap_ci
+    from pipeline.recommender import Recommender
+    from pipeline.recommender_config import RecommenderConfig
+    from retrieval.evaluate import evaluate_cases, retrieve_cases
+
+    folder = resolve_ranker(ranker, artifacts)
+    if folder is None:
+        raise ArtifactError(f"{artifacts}: no ranker for the latest version; run `shortlist train-ranker` first")
+    recommender = Recommender.load(artifacts, folder, backend=backend,
+                                   config=RecommenderConfig(max_m=max_m, calibrate=False))
+    artifact = load_artifact(artifacts)
+    train_cfg = TrainConfig.from_dict(artifact.manifest["config"]["train"])
+    split = prepare_split(load_dataset(train_cfg.dataset, data_path or train_cfg.data_path), train_cfg)
+    cases = split.cases("test")
+    ids, _ = retrieve_cases(recommender.retriever, cases, 10)
+    served = np.full((len(cases), 10), -1, dtype=np.int64)
+    paths: dict[str, int] = {}
+    for i, (user, history) in enumerate(zip(cases.users, cases.histories)):
+        rec = recommender.recommend(int(user), k=10, budget_ms=budget_ms, explain=False)
+        served[i, :len(rec.items)] = [item.item_id for item in rec.items]
+        paths[rec.path] = paths.get(rec.path, 0) + 1
+    recommender.close()
+    n_items = len(split.items)
+    base = evaluate_cases(ids, cases, n_items, ks=(10,), seed=seed)
+    two = evaluate_cases(served, cases, n_items, ks=(10,), seed=seed)
+    diff = two.per_user["NDCG@10"] - base.per_user["NDCG@10"]
+    ci = paired_bootstrap_ci(two.per_user["NDCG@10"], base.per_user["NDCG@10"], seed=seed)
+    return {"retrieval": base, "two_stage": two, "dNDCG@10": float(diff.mean()), "dNDCG@10_ci": ci,
+            "paths": paths, "ranker": str(folder), "blend_used": bool(getattr(recommender.blend, "use_blend", False))}

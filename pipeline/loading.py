@@ -61,15 +61,16 @@ def load_parts(artifact: str | Path, ranker: str | Path | None = None, *, blend:
     retriever, items, info = load_retriever_and_items(artifact)
     model = None
     if ranker is not None:
-        from ranking.cross_encoder import CrossEncoderRanker
+        from ranking.loading import load_ranker
 
-        model = CrossEncoderRanker.load(ranker, load_tokenizer=False)
+        model = load_ranker(ranker, load_tokenizer=False)
         if backend != "torch":
             if not hasattr(model, "with_backend"):
-                raise ConfigError(f"backend {backend!r} needs CrossEncoderRanker.with_backend; use 'torch'")
+                raise ConfigError(f"backend {backend!r} needs the ranker's with_backend; use 'torch'")
             changed = model.with_backend(backend, threads=threads)
             model = changed if changed is not None else model
-        info.update(ranker=str(ranker), ranker_mode=model.mode, backend=backend)
+        info.update(ranker=str(ranker), ranker_kind=getattr(model, "kind", "title"), ranker_mode=model.mode,
+                    backend=backend, hybrid_head=bool(getattr(model, "hybrid_head", None)))
     fitted_blend = None
     if blend is not None:
         from ranking.blend import HybridBlend

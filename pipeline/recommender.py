@@ -95,9 +95,11 @@ class Recommender:
 
     Args:
         retriever: any fitted :class:`~retrieval.base.Retriever` (the artifact's hybrid, usually).
-        ranker: a :class:`~ranking.cross_encoder.CrossEncoderRanker` (or anything with ``score``,
-            ``score_lists``, ``items`` and ``tokens``); ``None`` serves the retrieval order.
-        blend: a fitted :class:`~ranking.blend.HybridBlend`, or ``None``.
+        ranker: an :class:`~ranking.item_ranker.ItemTokenRanker` or a
+            :class:`~ranking.cross_encoder.CrossEncoderRanker` (or anything with ``score``, ``score_lists``,
+            ``items``, ``candidate_lengths`` and ``history_token_count``); ``None`` serves the retrieval order.
+        blend: a fitted :class:`~ranking.blend.HybridBlend`, or ``None``: then the ranker's own hybrid head
+            (``ranker.hybrid_head``, fitted on validation when it was trained) is served when it has one.
         latency: a latency model (:class:`LatencyPredictor`); ``None`` is calibrated at :meth:`warm_up`
             when ``config.calibrate``, else M is always ``max_m``.
         config: retrieval depth, M bounds, budget, explanations, threads, micro-batching.
@@ -120,12 +122,18 @@ class Recommender:
         if blend is not None and getattr(blend, "n_sources", 0):
             raise ConfigError("this blend uses the 'source' feature, which the online path does not compute; "
                               "fit the blend with features ('ce', 'retrieval', 'log_rank')")
+        if blend is None and getattr(ranker, "hybrid_head", None):
+            from ranking.blend import HybridBlend
+
+            self.blend = blend = HybridBlend.from_dict(ranker.hybrid_head)
+        # a blend that lost to the retrieval order in cross-validation would only reproduce that order: the
+        # reranker is then not run at all (no latency spent on a list that cannot change)
+        self.rerank_pays = not (blend is not None and not getattr(blend, "use_blend", True))
         # a ranker trained with the residual objective scores a correction of its base retrieval blend
         self.residual_base = residual_base(ranker)
         if ranker is not None:
             check_vocabulary(retriever, ranker)
-            self._candidate_tokens = np.array([ranker.tokens.candidate(r).size for r in range(len(ranker.items))],
-                                              dtype=np.float64)
+            self._candidate_tokens = np.asarray(ranker.candidate_lengths(), dtype=np.float64)
         self._observed: dict[int, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self.explainer = Explainer.from_retriever(retriever)
@@ -155,6 +163,8 @@ class Recommender:
         return {**self.info, "retriever": getattr(self.retriever, "name", type(self.retriever).__name__),
                 "items": len(self.retriever.items), "users": len(self.retriever.users),
                 "reranker": self.ranker is not None, "blend": self.blend is not None,
+                "rerank_skipped": None if self.rerank_pays or self.ranker is None else
+                "the blend did not beat the retrieval order on validation; serving that order",
                 "latency_model": type(self.latency).__name__ if self.latency is not None else None,
                 "microbatch": self.config.microbatch.to_dict(), "warmed": self.warmed}
 
@@ -348,7 +358,8 @@ class Recommender:
         m, reason = 0, None
         ranker_history = np.empty(0, np.int64)
         cost = 0.0
-        if path != "cold_start" and self.ranker is not None and c.rerank and ids.size:
+        if path != "cold_start" and self.ranker is not None and c.rerank and ids.size and (
+                self.rerank_pays or not c.blend):
             ranker_history = self._ranker_history(hist)
             m, cost, reason = self._plan(ranker_history, ids, budget - (time.perf_counter() - t0) * 1000)
         tick = self._lap(timings, "plan", tick)
@@ -407,7 +418,7 @@ class Recommender:
         if self.latency is None:
             return rows.size, 0.0, None
         backlog = self.batcher.backlog_ms if self.batcher is not None else 0.0
-        history_tokens = int(self.ranker.tokens.history(self.ranker.items.rows(history)).size)
+        history_tokens = self.ranker.history_token_count(self.ranker.items.rows(history))
         return plan_shortlist(self.latency, left_ms - c.plan_margin_ms - c.reserve_ms - backlog, history_tokens,
                               self._candidate_tokens[rows], min_m=c.min_m)
 

@@ -60,6 +60,9 @@ ONE_PASS_MAX_BUCKET = 256
 class CrossEncoderRanker:
     """Scores and reranks candidate items for a user's history; see the module docstring.
 
+    The *title* variant of the reranker (its tokens are words of item titles); the item-token variant is
+    :class:`~ranking.item_ranker.ItemTokenRanker`, with the same public contract.
+
     Args:
         model: the cross-encoder (adapters merged).
         tokens: the pre-tokenized catalogue.
@@ -124,6 +127,8 @@ class CrossEncoderRanker:
         ranker.cache_hits = ranker.cache_misses = 0
         return ranker
 
+    kind = "title"
+
     @property
     def items(self) -> IdVocab:
         return self.tokens.items
@@ -131,6 +136,46 @@ class CrossEncoderRanker:
     @property
     def mode(self) -> str:
         return self.config.mode
+
+    @property
+    def max_history_items(self) -> int:
+        """Most history items a request reads."""
+        return int(self.config.text.history_items)
+
+    @property
+    def hybrid_head(self) -> dict[str, Any] | None:
+        """A fitted hybrid blend carried in the manifest (``meta["hybrid_head"]``), or ``None``."""
+        return self.meta.get("hybrid_head")
+
+    def candidate_lengths(self) -> np.ndarray:
+        """Input tokens per item row as a candidate (its text cut to ``item_tokens``, plus ``[SEP]``)."""
+        return np.array([self.tokens.candidate(r).size for r in range(len(self.items))], dtype=np.float64)
+
+    def history_token_count(self, rows: np.ndarray) -> int:
+        """Input tokens a history of item ``rows`` (oldest first) costs."""
+        return int(self.tokens.history(np.asarray(rows, dtype=np.int64)).size)
+
+    def add_items(self, item_table: Any) -> CrossEncoderRanker:
+        """Add items (rows of an item table with ``item_id``, ``title``, ``genres``, ``year``): their text is
+        tokenized with the saved tokenizer, so they score from content like any other item. Raises for ids
+        already in the catalogue, or when the ranker was loaded without its tokenizer."""
+        from ranking.text import ItemTokens
+
+        if self.tokenizer is None:
+            raise ConfigError("add_items needs the tokenizer; load the ranker with load_tokenizer=True")
+        new_ids = np.asarray(item_table[ITEM], dtype=np.int64)
+        clash = [int(i) for i in new_ids if i in self.items]
+        if clash:
+            raise DataValidationError(f"add_items: item ids {clash[:5]} are already in the catalogue; pass new "
+                                      "items only")
+        added = ItemTokens.build(item_table, IdVocab(new_ids, name="item"), self.tokenizer, self.tokens.config)
+        old = self.tokens
+        flat = np.concatenate([old.flat, added.flat])
+        offsets = np.concatenate([old.offsets, old.offsets[-1] + added.offsets[1:]])
+        items = IdVocab(np.concatenate([old.items.ids, new_ids]), name=old.items.name)
+        self.tokens = ItemTokens(items, flat, offsets, old.special, old.config)
+        self.clear_cache()
+        return self
 
     # ---- histories ------------------------------------------------------------------------------
     def set_history(self, data: Interactions) -> CrossEncoderRanker:

@@ -1,6 +1,6 @@
 """A latency model of a reranker: predicted milliseconds of a request from its shape, calibrated per machine.
 
-:func:`calibrate` times :meth:`~ranking.cross_encoder.CrossEncoderRanker.rank` on synthetic requests
+:func:`calibrate` times a ranker's ``rank`` (either variant) on synthetic requests
 (random catalogue items; a grid of history tokens x candidate counts x tokens per candidate) with its
 current backend, and fits, by non-negative least squares on relative error,
 
@@ -223,14 +223,16 @@ class LatencyModel:
 def synthetic_request(ranker: Any, history_tokens: int, candidates: int, candidate_tokens: int,
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``(history item ids, candidate item ids)``: random items, the history grown until it reaches
-    ``history_tokens`` tokens (or the ranker's cap), candidates drawn among the items whose token length is
-    nearest ``candidate_tokens``."""
-    tokens, n = ranker.tokens, len(ranker.items)
+    ``history_tokens`` tokens (or the ranker's ``max_history_items``), candidates drawn among the items whose
+    token length is nearest ``candidate_tokens`` (any ranker with ``history_token_count`` and
+    ``candidate_lengths``)."""
+    n = len(ranker.items)
     order = rng.permutation(n)
+    cap = min(n, int(getattr(ranker, "max_history_items", n)))
     k = 1
-    while k < min(n, tokens.config.history_items) and tokens.history(order[:k]).size < history_tokens:
+    while k < cap and ranker.history_token_count(order[:k]) < history_tokens:
         k += 1
-    lengths = np.array([c.size for c in tokens.candidates(np.arange(n))])
+    lengths = np.asarray(ranker.candidate_lengths(), dtype=np.float64)
     nearest = np.argsort(np.abs(lengths - candidate_tokens) + rng.random(n) * 0.5, kind="stable")
     pool = nearest[:max(candidates, min(n, 4 * candidates))]
     picked = rng.choice(pool, size=candidates, replace=pool.size < candidates)

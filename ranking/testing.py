@@ -51,6 +51,15 @@ def tiny_encoder(vocab_size: int, *, hidden: int = 32, layers: int = 2, heads: i
     return model.eval()
 
 
+def tiny_text_model(folder: str | Path, *, hidden: int = 16, seed: int = 0) -> Path:
+    """A folder holding a tiny random ``BertModel`` and its word-level tokenizer: a stand-in for the bundled
+    MiniLM wherever a text model is loaded by path (item text embeddings)."""
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(folder)
+    tiny_encoder(len(tokenizer), hidden=hidden, layers=1, heads=2, seed=seed).save_pretrained(str(folder))
+    return folder
+
+
 def tiny_catalogue(n_items: int = 24, seed: int = 0) -> tuple[pd.DataFrame, IdVocab]:
     """An item table whose titles and genres use :data:`WORDS`, and its vocabulary (ids 100, 101, ...).
 

@@ -87,3 +87,40 @@ def test_embeddings_export_matches_the_model(trained, tmp_path):
     seen = set(model.seen_rows(0).tolist())
     best = max((s, r) for r, s in enumerate(scores) if r not in seen)[1]
     assert model.retrieve(int(users["user_id"][0]), 1)[0][0] == items["item_id"][best]
+
+
+@pytest.fixture(scope="module")
+def with_ranker(trained):
+    """A (very short) second stage for the ALS artifact: uniform negatives, no text features, so it trains
+    in seconds; what it learns does not matter here, only that every CLI path serves it."""
+    from pipeline.second_stage import SecondStageConfig, train_artifact_ranker
+    from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
+
+    trainer = ItemTrainerConfig(max_steps=6, batch_size=16, n_hard=0, n_uniform=8, eval_every=3, progress=False)
+    config = SecondStageConfig(model=ItemTokenConfig(hidden=16, heads=2, ffn=32, id_dim=8, head_hidden=8,
+                                                     use_text=False), trainer=trainer,
+                               student_trainer=trainer, retrain=True)
+    return train_artifact_ranker(trained, config, progress=False)
+
+
+def test_train_ranker_writes_teacher_and_student_beside_the_artifact(trained, with_ranker):
+    from pipeline.second_stage import ranker_folder
+    from ranking.item_ranker import ItemTokenRanker
+
+    folder = ranker_folder(trained)
+    assert folder.parent.name == "rankers" and folder == with_ranker.folder
+    teacher = ItemTokenRanker.load(folder / "item-teacher")
+    student = ItemTokenRanker.load(folder / "item-student")
+    assert teacher.hybrid_head and student.hybrid_head and student.config.layers == 1
+    assert teacher.meta["serving_retriever"] == "als"
+    # the artifact's own folder is untouched (its checksums still verify)
+    assert main(["recommend", "--user", "1", "--k", "3", "--artifacts", str(trained)]) == 0
+
+
+def test_evaluate_and_recommend_with_the_ranker(trained, with_ranker, ml_path, capsys):
+    assert main(["evaluate", "--artifacts", str(trained), "--data-path", str(ml_path), "--ranker", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "retrieval only" in out and "two-stage (served)" in out and "dNDCG@10" in out
+    assert main(["recommend", "--user", "1", "--k", "5", "--artifacts", str(trained), "--ranker", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "Retrieval order" in out and "Served list" in out and "per-stage latency" in out and "(19" in out

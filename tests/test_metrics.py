@@ -102,3 +102,32 @@ def test_paired_bootstrap_detects_a_real_difference():
     assert lo > 0
     lo, hi = paired_bootstrap_ci(a, a, n_boot=100)
     assert lo == hi == 0
+
+
+def test_clustered_bootstrap_resamples_whole_users():
+    from data.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    per_user = rng.normal(size=200)
+    # five identical cases per user carry no more information than one: the interval must not shrink
+    values, clusters = np.repeat(per_user, 5), np.repeat(np.arange(200), 5)
+    one = bootstrap_ci(per_user, seed=1)
+    clustered = bootstrap_ci(values, seed=1, clusters=clusters)
+    naive = bootstrap_ci(values, seed=1)
+    width = lambda ci: ci[1] - ci[0]
+    assert width(clustered) == pytest.approx(width(one), rel=0.15)
+    assert width(naive) < 0.6 * width(clustered)  # treating the cases as independent would overstate
+    with pytest.raises(DataValidationError, match="clusters"):
+        bootstrap_ci(values, clusters=clusters[:-1])
+
+
+def test_evaluate_cases_clusters_a_user_with_several_cases():
+    from data.protocol import EvalCases
+    from retrieval.evaluate import evaluate_cases
+
+    cases = EvalCases(users=np.array([1, 1, 2]), targets=np.array([5, 6, 7]),
+                      histories=[np.array([1]), np.array([1, 5]), np.array([2])])
+    ranked = np.array([[5, 9], [9, 6], [8, 9]])
+    report = evaluate_cases(ranked, cases, n_items=10, ks=(2,))
+    np.testing.assert_allclose(report.per_user["Recall@2"], [1.0, 1.0, 0.0])
+    assert report.per_user["NDCG@2"][1] == pytest.approx(1 / np.log2(3))

@@ -92,3 +92,54 @@ def test_movielens_protocol_counts(ml_split):
     # every user and item keeps >= 5 events after filtering
     full = pd.concat([ml_split.train.frame, ml_split.val, ml_split.test])
     assert full.groupby("item_id").size().min() >= 5 and full.groupby("user_id").size().min() >= 5
+
+
+# ---- the last-n protocol and evaluation cases -----------------------------------------------------
+def test_last_n_holds_out_the_last_n_and_each_case_reads_its_own_prefix():
+    from data.protocol import last_n
+
+    # user 1: 8 events (items 1..8) -> train 1-2, val 3, test 4-8; user 2: 5 events -> keeps 2 train + 1 val
+    rows = [(1, i, i) for i in range(1, 9)] + [(2, 10 + i, i) for i in range(5)]
+    split = last_n(Interactions(events(rows)), n=5)
+    assert split.kind == "last_n"
+    assert sorted(split.train.frame.query("user_id == 1")["item_id"]) == [1, 2]
+    assert dict(zip(split.val["user_id"], split.val["item_id"])) == {1: 3, 2: 12}
+    assert sorted(split.test.query("user_id == 2")["item_id"]) == [13, 14]
+    cases = split.cases("test")
+    assert len(cases) == 7 and not cases.one_per_user
+    by_target = {int(t): h.tolist() for t, h in zip(cases.targets, cases.histories)}
+    assert by_target[4] == [1, 2, 3] and by_target[6] == [1, 2, 3, 4, 5] and by_target[8] == [1, 2, 3, 4, 5, 6, 7]
+    assert by_target[14] == [10, 11, 12, 13]
+    val = split.cases("val")
+    assert val.one_per_user and {int(t): h.tolist() for t, h in zip(val.targets, val.histories)}[3] == [1, 2]
+    assert split.history("test").frame.query("user_id == 1")["item_id"].tolist() == [1, 2, 3]
+
+
+def test_last_n_refuses_short_users_and_bad_n():
+    from data.protocol import last_n, make_split
+
+    with pytest.raises(DataValidationError, match="fewer than 4"):
+        last_n(Interactions(events([(1, 1, 0), (1, 2, 1), (1, 3, 2)])))
+    with pytest.raises(DataValidationError, match="n must be"):
+        last_n(Interactions(events([(1, i, i) for i in range(6)])), n=0)
+    with pytest.raises(DataValidationError, match="protocol"):
+        make_split(Interactions(events([(1, i, i) for i in range(6)])), "random")
+
+
+def test_leave_one_out_cases_are_one_per_user_with_the_stage_history():
+    frame = events([(1, 1, 0), (1, 2, 1), (1, 3, 2), (1, 4, 3), (2, 1, 0), (2, 2, 1), (2, 3, 2)])
+    split = leave_one_out(Interactions(frame))
+    test = split.cases("test")
+    assert test.one_per_user and test.targets.tolist() == [4, 3]
+    assert [h.tolist() for h in test.histories] == [[1, 2, 3], [1, 2]]
+    assert [h.tolist() for h in split.cases("val").histories] == [[1, 2], [1]]
+
+
+def test_movielens_last_n_counts(ml_path):
+    from data.protocol import apply_filters, last_n
+    from pipeline.train import load_dataset
+
+    split = last_n(apply_filters(load_dataset("ml-latest-small", str(ml_path))), 5)
+    stats = split.stats()
+    assert (stats["users"], stats["val"], stats["test"]) == (610, 610, 3050)
+    assert len(split.cases("test")) == 3050

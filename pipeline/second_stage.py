@@ -1,0 +1,267 @@
+"""Training the second stage end to end: the item-token teacher, its distilled student and their hybrid
+heads, on a split under a protocol, with the candidates of the cached first-stage retriever.
+
+    python -m pipeline.second_stage [--protocol leave_one_out|last_n] [--steps 16000] [--student-steps 3000]
+                                    [--student-layers 1] [--out artifacts/rerank] [--threads 2]
+
+writes, under ``OUT/<protocol>/``:
+
+* ``retriever-two_tower/``: the candidate retriever fitted on the training events (reused while its data
+  fingerprint matches; :func:`pipeline.stages.candidate_retriever`);
+* ``item-teacher/``: the item-token reranker trained on every training position, with its hybrid head;
+* ``item-student/``: the student distilled from it (a subset of its layers), with its own hybrid head; the
+  recommender serves it (int8 or fp32, see ``benchmarks.rerank``).
+
+The same as a function: :func:`train_second_stage`. A saved teacher whose training data and config match
+is loaded instead of retrained (``retrain=True`` forces it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.config import JsonConfig, require
+from data.errors import ArtifactError
+from data.protocol import PROTOCOLS
+from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
+
+log = logging.getLogger(__name__)
+
+TEACHER_DIR, STUDENT_DIR, RETRIEVER_DIR, RANKERS_DIR = "item-teacher", "item-student", "retriever-two_tower", "rankers"
+#: The demo's short training (``shortlist train-ranker`` defaults): minutes on 2 cores, not the benchmark's hour.
+DEMO_TRAINER = ItemTrainerConfig(max_steps=600, eval_every=150, warmup_steps=50)
+DEMO_STUDENT = ItemTrainerConfig(max_steps=200, eval_every=100, learning_rate=1e-3, warmup_steps=20)
+
+
+@dataclass
+class SecondStageConfig(JsonConfig):
+    """What :func:`train_second_stage` does.
+
+    Attributes:
+        dataset: the MovieLens dataset name.
+        data_path: a folder holding it (``None``: ``$SHORTLIST_DATA_DIR`` or the download cache).
+        protocol: ``"leave_one_out"`` (LlamaRec's) or ``"last_n"``.
+        n: test cases per user under ``last_n``.
+        retriever: the candidate retriever (``"two_tower"``).
+        model: the teacher's config.
+        trainer: the teacher's training.
+        student_layers: teacher layers the student keeps; empty skips distillation.
+        student_trainer: the student's training (distillation).
+        hybrid_m: candidates the hybrid heads are fitted on (M).
+        out: root folder; everything goes under ``out/<protocol>/``.
+        retrain: train even when a saved teacher matches.
+    """
+
+    dataset: str = "ml-latest-small"
+    data_path: str | None = None
+    protocol: str = "leave_one_out"
+    n: int = 5
+    retriever: str = "two_tower"
+    model: ItemTokenConfig = field(default_factory=ItemTokenConfig)
+    trainer: ItemTrainerConfig = field(default_factory=ItemTrainerConfig)
+    student_layers: tuple[int, ...] = (1,)
+    student_trainer: ItemTrainerConfig = field(
+        default_factory=lambda: ItemTrainerConfig(max_steps=2000, learning_rate=1e-3, warmup_steps=50))
+    hybrid_m: int = 50
+    out: str = "artifacts/rerank"
+    retrain: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.protocol in PROTOCOLS, f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        require(self.n >= 1 and self.hybrid_m >= 2, "n must be >= 1 and hybrid_m >= 2")
+
+
+@dataclass
+class SecondStageResult:
+    """Where things went and what they measured on validation."""
+
+    folder: Path
+    teacher: dict[str, Any]
+    student: dict[str, Any] | None
+    seconds: float
+
+
+def _matches(folder: Path, split: Any, config: SecondStageConfig) -> Any:
+    from ranking.item_ranker import ItemTokenRanker
+
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        ranker = ItemTokenRanker.load(folder)
+    except ArtifactError as exc:
+        log.warning("cannot load %s (%s); retraining", folder, exc)
+        return None
+    speed = ("threads", "progress", "device")
+    saved = {k: v for k, v in (ranker.meta.get("trainer") or {}).items() if k not in speed}
+    wanted = {k: v for k, v in config.trainer.to_dict().items() if k not in speed}
+    same = (ranker.meta.get("history_fingerprint") == split.history("val").fingerprint()
+            and ranker.config == config.model and saved == wanted)
+    return ranker if same else None
+
+
+def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config: SecondStageConfig, *,
+              serving: Any = None, progress: bool = True) -> SecondStageResult:
+    """The core: train (or load, when a matching one is saved) the teacher on ``candidates``' lists, distil
+    the student, fit both hybrid heads and save both under ``folder``.
+
+    ``candidates`` (holding ``split.history("val")``) gives the hard negatives and the validation lists;
+    ``serving`` (default: the same) is the retriever whose lists the hybrid heads are fitted on: the one
+    that will serve the candidates (e.g. a hybrid of which ``candidates`` is the two-tower component)."""
+    from ranking.item_ranker import ItemTokenRanker
+    from ranking.item_trainer import distill_item_ranker, fit_hybrid_head, train_item_ranker
+
+    started = time.perf_counter()
+    serving = serving if serving is not None else candidates
+    trainer = dataclasses.replace(config.trainer, progress=config.trainer.progress and progress)
+    teacher = None if config.retrain else _matches(folder / TEACHER_DIR, split, config)
+    if teacher is None:
+        teacher = ItemTokenRanker.build(item_table, split.items, config.model,
+                                        item_vectors=candidates.item_embeddings(), seed=trainer.seed)
+        record = train_item_ranker(teacher, split, candidates, trainer)
+        log.info("teacher: %s", {k: v for k, v in record.to_dict().items() if k != "history"})
+        teacher.meta["retriever"] = getattr(candidates, "name", config.retriever)
+    else:
+        log.info("teacher loaded from %s", folder / TEACHER_DIR)
+    fit_hybrid_head(teacher, serving, split, config.hybrid_m)
+    teacher.meta["serving_retriever"] = getattr(serving, "name", type(serving).__name__)
+    teacher.save(folder / TEACHER_DIR)
+    out = {"folder": str(folder / TEACHER_DIR), "training": teacher.meta.get("training"),
+           "hybrid_head": teacher.hybrid_head}
+    student_out = None
+    if config.student_layers:
+        student_trainer = dataclasses.replace(config.student_trainer,
+                                              progress=config.student_trainer.progress and progress)
+        student, record = distill_item_ranker(teacher, split, candidates, tuple(config.student_layers),
+                                              student_trainer, teacher_name=str(folder / TEACHER_DIR))
+        fit_hybrid_head(student, serving, split, config.hybrid_m)
+        student.meta["retriever"] = teacher.meta.get("retriever")
+        student.meta["serving_retriever"] = teacher.meta["serving_retriever"]
+        student.save(folder / STUDENT_DIR)
+        student_out = {"folder": str(folder / STUDENT_DIR), "training": record.to_dict(),
+                       "hybrid_head": student.hybrid_head}
+    return SecondStageResult(folder, out, student_out, time.perf_counter() - started)
+
+
+def train_second_stage(config: SecondStageConfig | None = None, *, raw: Any = None,
+                       progress: bool = True) -> SecondStageResult:
+    """Train (or load) the teacher, fit its hybrid head, distil the student, on ``config.protocol``'s split
+    with the cached two-tower's candidates; see the module docstring."""
+    from pipeline.stages import candidate_retriever, protocol_split
+    from pipeline.train import load_dataset
+
+    config = config or SecondStageConfig()
+    raw = raw if raw is not None else load_dataset(config.dataset, config.data_path)
+    split = protocol_split(raw, config.protocol, config.n)
+    folder = Path(config.out) / config.protocol
+    retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR,
+                                    threads=config.trainer.threads)
+    return fit_stage(split, raw.items, retriever, folder, config, progress=progress)
+
+
+def ranker_folder(artifacts: str | Path = "artifacts") -> Path:
+    """Where the rankers of a pipeline artifact live: ``<root>/rankers/<version>/`` (beside the version
+    folder, which stays exactly what ``shortlist train`` wrote and checksummed)."""
+    from pipeline.artifacts import resolve_artifact
+
+    version = resolve_artifact(artifacts)
+    return version.parent / RANKERS_DIR / version.name
+
+
+def train_artifact_ranker(artifacts: str | Path = "artifacts", config: SecondStageConfig | None = None, *,
+                          progress: bool = True) -> SecondStageResult:
+    """Train the second stage for a pipeline artifact (what ``shortlist train-ranker`` runs).
+
+    The split is rebuilt from the artifact's own dataset and protocol (refused when the data on disk differs
+    from what it was trained on); the teacher learns from the artifact's two-tower (the hybrid's component,
+    moved back to the training history without retraining); the hybrid heads are fitted on the artifact's
+    served retriever's validation lists. Written to :func:`ranker_folder`; the artifact is not modified."""
+    from pipeline.artifacts import load_artifact
+    from pipeline.config import TrainConfig
+    from pipeline.train import load_dataset, prepare_split
+
+    config = config or SecondStageConfig(trainer=DEMO_TRAINER, student_trainer=DEMO_STUDENT)
+    artifact = load_artifact(artifacts)
+    train_config = TrainConfig.from_dict(artifact.manifest["config"]["train"])
+    raw = load_dataset(train_config.dataset, config.data_path or train_config.data_path)
+    if raw.fingerprint() != artifact.manifest["data"]["fingerprint"]:
+        raise ArtifactError(f"{artifact.folder}: trained on other data than {train_config.dataset} on disk; pass the "
+                            "data it was trained on (--data-path) or retrain the artifact")
+    split = prepare_split(raw, train_config)
+    served = artifact.retriever
+    components = getattr(served, "components", {served.name: served})
+    candidates = components.get("two_tower") or next(
+        (c for c in components.values() if c.item_embeddings() is not None), served)
+    served.set_history(split.history("val"))
+    if candidates is not served:
+        candidates.set_history(split.history("val"))
+    try:
+        return fit_stage(split, raw.items, candidates, ranker_folder(artifacts), config, serving=served,
+                         progress=progress)
+    finally:
+        served.set_history(split.history("test"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="a SecondStageConfig JSON file (flags override it)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None)
+    parser.add_argument("--data-path", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="teacher training steps")
+    parser.add_argument("--student-steps", type=int, default=None, help="distillation steps")
+    parser.add_argument("--student-layers", type=int, nargs="*", default=None,
+                        help="teacher layers the student keeps (none: no student)")
+    parser.add_argument("--encoder", choices=("narrow", "minilm"), default=None,
+                        help="narrow BERT from scratch, or MiniLM layers with LoRA")
+    parser.add_argument("--layers", type=int, default=None, help="encoder layers")
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = SecondStageConfig.load(args.config) if args.config else SecondStageConfig()
+    model, trainer, student = config.model, config.trainer, config.student_trainer
+    if args.encoder is not None:
+        model = dataclasses.replace(model, encoder=args.encoder)
+        if args.encoder == "minilm" and not trainer.peft:
+            trainer = dataclasses.replace(trainer, peft="lora")
+    if args.layers is not None:
+        model = dataclasses.replace(model, layers=args.layers)
+    if args.steps is not None:
+        trainer = dataclasses.replace(trainer, max_steps=args.steps)
+    if args.eval_every is not None:
+        trainer = dataclasses.replace(trainer, eval_every=args.eval_every)
+        student = dataclasses.replace(student, eval_every=args.eval_every)
+    if args.student_steps is not None:
+        student = dataclasses.replace(student, max_steps=args.student_steps)
+    if args.threads is not None:
+        trainer = dataclasses.replace(trainer, threads=args.threads)
+        student = dataclasses.replace(student, threads=args.threads)
+    changes: dict[str, Any] = {"model": model, "trainer": trainer, "student_trainer": student}
+    for name in ("protocol", "data_path", "out"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.student_layers is not None:
+        changes["student_layers"] = tuple(args.student_layers)
+    if args.retrain:
+        changes["retrain"] = True
+    config = dataclasses.replace(config, **changes)
+    result = train_second_stage(config, progress=not args.quiet)
+    summary = {"folder": str(result.folder), "seconds": round(result.seconds, 1),
+               "teacher_val_ndcg@10": (result.teacher.get("training") or {}).get("best_metric"),
+               "teacher_hybrid": (result.teacher.get("hybrid_head") or {}).get("report"),
+               "student_val_ndcg@10": (result.student or {}).get("training", {}).get("best_metric"),
+               "student_hybrid": ((result.student or {}).get("hybrid_head") or {}).get("report")}
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

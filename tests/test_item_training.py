@@ -1,0 +1,216 @@
+"""Training the item-token reranker: lists over every position, hard-negative pools, the trainer on a
+known-answer task, distillation, the hybrid head and how the recommender serves it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data.dataset import Interactions
+from data.errors import ConfigError, DataValidationError
+from data.protocol import leave_one_out
+from data.vocab import IdVocab
+from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
+from ranking.item_lists import PositionBatches, prefix_pools, training_positions
+from ranking.item_model import ItemFeatureTable
+from ranking.item_ranker import ItemTokenRanker
+from ranking.testing import tiny_catalogue
+
+
+class DotRetriever:
+    """A retriever stand-in: fixed item vectors, the query is the mean of the prefix's vectors."""
+
+    def __init__(self, vectors, items):
+        self.item_factors, self.items = vectors, items
+
+    def history_query(self, rows):
+        return self.item_factors[rows].mean(axis=0)
+
+
+def test_training_positions_cover_every_position_after_min_history():
+    seqs = [np.array([5, 6, 7]), np.array([1]), np.array([2, 3])]
+    np.testing.assert_array_equal(training_positions(seqs, 1), [[0, 1], [0, 2], [2, 1]])
+    np.testing.assert_array_equal(training_positions(seqs, 2), [[0, 2]])
+    assert training_positions([np.array([1])], 1).shape == (0, 2)
+
+
+def test_prefix_pools_rank_by_the_prefix_and_never_hold_the_users_items():
+    items = IdVocab(np.arange(10, 16))
+    vectors = np.eye(6, dtype=np.float32)
+    vectors[4] = [0.9, 0, 0, 0, 0, 0]  # item row 4 is close to item row 0
+    vectors[5] = [0, 0.8, 0, 0, 0, 0]  # item row 5 is close to item row 1
+    retriever = DotRetriever(vectors, items)
+    seqs = [np.array([0, 1, 2])]
+    positions = training_positions(seqs, 1)  # prefixes [0] and [0, 1]
+    pools, hit_rate = prefix_pools(retriever, seqs, positions, items, k=2)
+    assert pools[0].tolist() == [4, 5] or pools[0][0] == 4  # [0] -> row 4 first
+    assert not np.isin(pools, seqs[0]).any()
+    # the positive of position 1 (row 1) scores 0 against prefix [0]: not above the pool's last score
+    assert 0.0 <= hit_rate <= 1.0
+    with pytest.raises(DataValidationError, match="k must be"):
+        prefix_pools(retriever, seqs, positions, items, k=0)
+
+
+def test_position_batches_hold_the_positive_first_and_no_owned_negatives():
+    rng = np.random.default_rng(0)
+    seqs = [rng.permutation(30)[:8] for _ in range(6)]
+    positions = training_positions(seqs, 1)
+    pools = np.stack([np.setdiff1d(np.arange(30), seqs[u])[:10] for u, _ in positions])
+    batches = PositionBatches(seqs, positions, pools, 30, n_hard=4, n_uniform=3, batch_size=5, rng=rng)
+    seen = set()
+    for _ in range(3 * positions.shape[0] // 5):
+        histories, lists = batches.next()
+        assert lists.shape == (5, 8)
+        for h, row in zip(histories, lists):
+            user = next(u for u, s in enumerate(seqs) if np.array_equal(s[:h.size], h) and s[h.size] == row[0])
+            assert not np.isin(row[1:], seqs[user]).any()
+            assert np.unique(row).size == row.size
+            seen.add((user, h.size))
+    assert seen == {tuple(p) for p in positions.tolist()}  # every position was drawn
+    assert batches.epoch >= 2
+
+
+def colour_split():
+    """24 users over :func:`tiny_catalogue`'s 24 items: even users watch red items (even rows), odd users
+    blue ones, in random order; leave-one-out."""
+    table, items = tiny_catalogue()
+    rng = np.random.default_rng(0)
+    rows, t = [], 0
+    for u in range(24):
+        mine = np.arange(u % 2, 24, 2)
+        for i in rng.permutation(mine)[:9]:
+            rows.append((u, int(items.ids[i]), t))
+            t += 1
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).astype("int64")
+    return leave_one_out(Interactions(frame, table)), table, items
+
+
+def tiny_ranker(items, table, **overrides):
+    rng = np.random.default_rng(1)
+    colours = np.array([[1.0, 0.0] if i % 2 == 0 else [0.0, 1.0] for i in range(len(items))], np.float32)
+    features = ItemFeatureTable(text=rng.normal(size=(len(items), 4)).astype(np.float32), genres=colours,
+                                year_bucket=np.zeros(len(items), np.int64), genre_names=("Drama", "Comedy"))
+    config = ItemTokenConfig(**{"hidden": 16, "layers": 2, "heads": 2, "ffn": 32, "max_history": 8, "id_dim": 8,
+                                "head_hidden": 8, "dropout": 0.0, "id_dropout": 0.0, "use_text": True,
+                                **overrides})
+    return ItemTokenRanker.build(table, items, config, features=features, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from pipeline.stages import candidate_retriever
+    from ranking.item_trainer import train_item_ranker
+
+    split, table, items = colour_split()
+    retriever = candidate_retriever(split, "popularity")  # colour-blind candidates: the reranker must add it
+    ranker = tiny_ranker(items, table)
+    config = ItemTrainerConfig(max_steps=120, batch_size=16, n_hard=4, n_uniform=4, hard_pool=12,
+                               eval_every=40, val_candidates=12, warmup_steps=10, learning_rate=5e-3,
+                               progress=False, threads=1)
+    log = train_item_ranker(ranker, split, retriever, config)
+    return split, retriever, ranker, log
+
+
+def test_training_learns_the_colour_and_keeps_the_best_step(trained):
+    split, _, ranker, log = trained
+    assert log.positions == 24 * 6 and log.steps == 120
+    assert log.best_metric > log.retrieval_metric + 0.1  # popularity ignores colour; the reranker learns it
+    assert log.best_metric == max(h["metric"] for h in log.history)
+    assert log.history[-1]["loss"] < log.history[0]["loss"]
+    # scores: a red user's red candidates above the blue ones
+    frame = split.history("val").frame
+    history = frame.loc[frame["user_id"] == 0, "item_id"].to_numpy()  # user 0 watches red items
+    reds, blues = ranker.items.ids[0::2], ranker.items.ids[1::2]
+    candidates = np.r_[np.setdiff1d(reds, history)[:3], blues[:3]]
+    scores = ranker.score(history, candidates)
+    assert scores[:3].min() > scores[3:].max()
+    assert not any(p.requires_grad for p in ranker.model.parameters())
+    assert ranker.meta["training"]["best_step"] == log.best_step and ranker.meta["protocol"] == "leave_one_out"
+
+
+def test_training_refuses_a_retriever_holding_another_history(trained):
+    from pipeline.stages import candidate_retriever
+    from ranking.item_trainer import train_item_ranker
+
+    split, _, ranker, _ = trained
+    other = candidate_retriever(split, "popularity").set_history(split.history("test"))
+    with pytest.raises(DataValidationError, match="history"):
+        train_item_ranker(ranker, split, other, ItemTrainerConfig(max_steps=1, progress=False))
+
+
+def test_lora_training_updates_adapters_and_merges(trained):
+    from ranking.item_trainer import train_item_ranker
+
+    split, retriever, _, _ = trained
+    _, table, items = colour_split()
+    ranker = tiny_ranker(items, table)
+    frozen = {n: p.detach().clone() for n, p in ranker.model.bert.encoder.named_parameters()}
+    config = ItemTrainerConfig(max_steps=20, batch_size=8, n_hard=2, n_uniform=2, hard_pool=6, eval_every=10,
+                               val_candidates=12, peft="lora", lora_r=2, progress=False, threads=1)
+    log = train_item_ranker(ranker, split, retriever, config)
+    assert log.peft == "lora" and log.trainable_parameters < sum(p.numel() for p in ranker.model.parameters())
+    assert not any("lora_" in n for n, _ in ranker.model.named_parameters())
+    changed = [n for n, p in ranker.model.bert.encoder.named_parameters() if not torch.equal(p, frozen[n])]
+    assert changed  # adapters were merged into the encoder weights
+
+
+def test_distilled_student_keeps_chosen_layers_and_follows_the_teacher(trained, tmp_path):
+    from ranking.item_trainer import distill_item_ranker, student_from
+
+    split, retriever, teacher, _ = trained
+    config = ItemTrainerConfig(max_steps=60, batch_size=16, n_hard=4, n_uniform=4, hard_pool=12, eval_every=30,
+                               val_candidates=12, learning_rate=3e-3, progress=False, threads=1)
+    student, log = distill_item_ranker(teacher, split, retriever, (1,), config, teacher_name="t")
+    assert len(student.model.bert.encoder.layer) == 1 and student.config.layers == 1
+    assert log.teacher == "t" and "kl" in log.history[0]
+    assert log.best_metric > log.retrieval_metric
+    folder = student.save(tmp_path / "student")
+    loaded = ItemTokenRanker.load(folder)
+    assert len(loaded.model.bert.encoder.layer) == 1 and loaded.meta["teacher"]["layers"] == [1]
+    with pytest.raises(ConfigError, match="layers"):
+        student_from(teacher, (2,))
+    with pytest.raises(ConfigError, match="layers"):
+        student_from(teacher, (1, 0))
+
+
+def test_hybrid_head_travels_in_the_manifest_and_the_recommender_serves_it(trained, tmp_path):
+    from pipeline.recommender import Recommender
+    from ranking.blend import HybridBlend
+    from ranking.item_trainer import fit_hybrid_head
+
+    split, retriever, ranker, _ = trained
+    blend = fit_hybrid_head(ranker, retriever, split, m=12)
+    assert blend.report["lists"] > 0 and ranker.hybrid_head["kind"] == "hybrid_blend"
+    loaded = ItemTokenRanker.load(ranker.save(tmp_path / "r"))
+    assert HybridBlend.from_dict(loaded.hybrid_head).use_blend == blend.use_blend
+    test_retriever = retriever.set_history(split.history("test"))
+    rec = Recommender(test_retriever, loaded)
+    assert rec.blend is not None
+    out = rec.recommend(0, k=5, budget_ms=10_000)
+    assert len(out.items) == 5
+    if blend.use_blend:
+        assert out.path == "reranked" and rec.rerank_pays
+    # a head that lost in cross-validation: the reranker is not run at all
+    lost = HybridBlend.from_dict({**blend.to_dict(), "use_blend": False})
+    rec = Recommender(test_retriever, loaded, blend=lost)
+    out = rec.recommend(0, k=5, budget_ms=10_000)
+    assert out.path == "retrieval" and out.reranked_m == 0 and not out.degraded
+    assert rec.describe()["rerank_skipped"]
+    retriever.set_history(split.history("val"))
+
+
+def test_recommender_plans_item_tokens_with_one_token_per_candidate(trained):
+    from pipeline.budget import LinearLatency
+    from pipeline.recommender import Recommender
+
+    _, retriever, ranker, _ = trained
+    ranker.set_hybrid_head(None)
+    latency = LinearLatency(intercept=1.0, per_candidate_token=1.0)  # 1 ms per candidate
+    rec = Recommender(retriever, ranker, latency=latency)
+    out = rec.recommend(0, k=5, budget_ms=rec.config.plan_margin_ms + rec.config.reserve_ms + 7.5)
+    assert 0 < out.reranked_m <= 6
+    np.testing.assert_array_equal(ranker.candidate_lengths(), np.ones(len(ranker.items)))
+    shape = ranker.request_shape(ranker.items.ids[:10], ranker.items.ids[:4])  # the model reads the last 8
+    assert shape == {"history_tokens": 8, "candidates": 4, "candidate_tokens": 4}
