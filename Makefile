@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 2
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean browser
 
 venv: $(STAMP)
 
@@ -34,7 +34,18 @@ demo: $(STAMP)
 	$(VENV)/bin/shortlist recommend --user 999999 --k 5 --artifacts artifacts
 	$(VENV)/bin/shortlist candidates --out artifacts/candidates.parquet --k 100 --artifacts artifacts
 
-test: $(STAMP)
+# Headless Chromium from Debian's packages, for the explorer's browser test (Playwright's Python API drives
+# it; nothing downloads a browser). Installed only when no `chromium` is on PATH; needs root (CI) or sudo.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then \
+	  echo "chromium: $$(command -v chromium)"; \
+	else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -21,7 +21,8 @@ with NDCG@10, Recall@10 and MRR@10 (full catalogue, the case's history masked), 
 intervals, and ``dNDCG@10`` against retrieval with its paired interval (``dNDCG@10_ci``). Under ``last-n``
 the intervals resample users, not cases, since one user's cases are not independent. Rankers are the
 teacher (fp32) and the served student on fp32 and ``--serve-backend``, plus any title cross-encoder folder
-given with ``--title``. Latency (p50/p99 ms per request at M=50, candidate ids to sorted scores, inputs
+given with ``--title``; each ranker's validation NDCG@10 alone at M=50 (``val_NDCG@10``, what picks the
+default variant) is reported beside its test row. Latency (p50/p99 ms per request at M=50, candidate ids to sorted scores, inputs
 included, history cache cold) is measured on ``--latency-cases`` random test cases at ``--threads``
 threads, and for the served row end to end (retrieval, filter, rerank, blend). LlamaRec's paper rows are
 listed for reference (leave-one-out only). Writes ``benchmarks/results/rerank.json``.
@@ -51,7 +52,8 @@ PAPER_ROWS = [
     {"protocol": "leave_one_out", "method": "LlamaRec, Llama-2-7B reranking top-20 (paper figure)",
      "NDCG@10": 0.0759, "Recall@10": 0.1524, "MRR@10": 0.0529, "source": "LlamaRec paper, Table 1"},
 ]
-COLUMNS = ["protocol", "method", "M", "NDCG@10", "Recall@10", "MRR@10", "dNDCG@10", "p50_ms", "p99_ms"]
+COLUMNS = ["protocol", "method", "M", "NDCG@10", "Recall@10", "MRR@10", "dNDCG@10", "val_NDCG@10", "p50_ms",
+           "p99_ms"]
 #: What the served student must meet at M=50 (issue: the second stage must beat retrieval).
 TARGET_P50_MS, TARGET_P99_MS, TARGET_GAIN_KEPT, LLAMAREC_NDCG = 15.0, 25.0, 0.8, 0.0759
 
@@ -108,6 +110,23 @@ def head_scores(ranker: Any, model_scores: np.ndarray, retrieval: np.ndarray, m:
     return blend.score(model_scores[:, :m], retrieval[:, :m].astype(np.float64))
 
 
+def validation_ndcg(rankers: dict[str, Any], retriever: Any, split: Any, m: int) -> dict[str, float]:
+    """Validation NDCG@10 of each ranker alone reranking the retriever's top ``m`` (every validation user
+    counted), and of the retrieval order: what chooses the default variant. The retriever must hold
+    ``split.history("val")``."""
+    from ranking.data import reranked_ndcg
+    from ranking.item_trainer import validation_set
+
+    items = next(iter(rankers.values())).items
+    lists, _ = validation_set(retriever, split, items, m)
+    histories = [items.ids[h] for h in lists.histories]
+    candidates = np.where(lists.candidates >= 0, items.ids[np.maximum(lists.candidates, 0)], -1)
+    out = {"retrieval order": lists.retrieval_ndcg}
+    for name, ranker in rankers.items():
+        out[name] = reranked_ndcg(ranker.score_lists(histories, candidates), lists.target_col, lists.n_users)
+    return {k: round(float(v), 6) for k, v in out.items()}
+
+
 def served_lists(recommender: Any, cases: Any, k: int, budget_ms: float, progress: bool) -> tuple[np.ndarray, dict]:
     """``(n, k)`` item ids the recommender returns for each case's history, and what it did."""
     from tqdm.auto import tqdm
@@ -161,6 +180,14 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
     from retrieval.evaluate import evaluate_cases, retrieve_cases
 
     split, retriever = stage["split"], stage["retriever"]
+    served_student = stage["student"].with_backend(args.serve_backend, threads=args.threads)
+    rankers = {"teacher": stage["teacher"], "student (fp32)": stage["student"],
+               f"student ({args.serve_backend}, served)": served_student}
+    for folder in args.title or []:
+        title = load_ranker(folder)
+        rankers[f"title cross-encoder {Path(folder).name}"] = title
+    validation = validation_ndcg(rankers, retriever, split, SERVED_M)
+    print(f"{protocol}: validation NDCG@10 at M={SERVED_M}: {validation}")
     retriever.set_history(split.history("test"))
     cases = split.cases("test")
     n_items = len(split.items)
@@ -172,12 +199,6 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
     print(f"{protocol}: {len(cases)} test cases, retrieval {retrieval_seconds:.1f} s, "
           f"target in top-{depth}: {np.mean((ids == cases.targets[:, None]).any(axis=1)):.3f}")
 
-    served_student = stage["student"].with_backend(args.serve_backend, threads=args.threads)
-    rankers = {"teacher": stage["teacher"], "student (fp32)": stage["student"],
-               f"student ({args.serve_backend}, served)": served_student}
-    for folder in args.title or []:
-        title = load_ranker(folder)
-        rankers[f"title cross-encoder {Path(folder).name}"] = title
     lists: dict[str, tuple[Any, np.ndarray]] = {"retrieval only": ("-", ids)}
     model_scores: dict[str, np.ndarray] = {}
     for name, ranker in rankers.items():
@@ -225,6 +246,8 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         row["dNDCG@10"] = round(float(diff.mean()), 6)
         row["dNDCG@10_ci"] = [round(lo, 6), round(hi, 6)]
         owner = next((r for r in rankers if name.startswith(r + " ")), None)
+        if owner is not None and name == f"{owner} alone top-{SERVED_M}":
+            row["val_NDCG@10"] = round(validation[owner], 6)
         if owner is not None and m == SERVED_M:
             row["p50_ms"] = round(latency[owner]["p50_ms"], 2)
             row["p99_ms"] = round(latency[owner]["p99_ms"], 2)
@@ -262,6 +285,7 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
     teacher_meta = stage["teacher"].meta
     meta = {
         "cases": len(cases), "users": int(np.unique(cases.users).size), "split": split.stats(),
+        "validation_ndcg@10_M50": validation,
         "retrieval_seconds": round(retrieval_seconds, 2), "served_seconds": round(served_seconds, 1),
         "target_in_top_100": float(np.mean((ids == cases.targets[:, None]).any(axis=1))),
         "latency": latency, "served_latency": served_timing, "latency_cases": int(sample.size),

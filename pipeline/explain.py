@@ -1,4 +1,5 @@
-"""Explanations: per recommended item, the history items most similar to it ("because you watched ...").
+"""Explanations: per recommended item, the history items most similar to it ("because you watched ..."),
+and, per retrieval candidate, which retrievers found it (:func:`found_by`).
 
 Similarity is the cosine of the retriever's item embeddings (:meth:`~retrieval.base.Retriever.item_embeddings`:
 the two-tower's item vectors, or CF factors); a retriever without one explains nothing.
@@ -58,4 +59,32 @@ class Explainer:
         return out
 
 
-__all__ = ["Explainer"]
+def found_by(retriever: Any, ids: np.ndarray, *, user_id: int | None, history: np.ndarray, by_history: bool,
+             depth: int, exclude_seen: bool = True, allow: Any = None, deny: Any = None) -> list[list[str]]:
+    """Per item of ``ids``, the names of the retrievers that returned it for this request.
+
+    For a hybrid (a retriever with ``components``) these are its components: by user id from
+    :meth:`~retrieval.hybrid.HybridRetriever.candidates` (fused list of ``depth``), by ``history`` (when
+    ``by_history``: an explicit history or real-time events) from each component's ``retrieve_history``
+    list at the hybrid's component depth. A single retriever found everything it returned. The retrieval
+    is run again, so call this off the timed path.
+    """
+    components = getattr(retriever, "components", None)
+    if not components:
+        return [[str(getattr(retriever, "name", type(retriever).__name__))] for _ in ids]
+    found: dict[int, list[str]] = {}
+    if not by_history and user_id is not None and hasattr(retriever, "candidates"):
+        got = retriever.candidates(int(user_id), depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
+        for item, row in zip(got.item_ids.tolist(), got.found):
+            if item != -1:
+                found[int(item)] = [name for name, hit in zip(got.sources, row) if hit]
+    else:
+        deep = retriever.depth(depth) if hasattr(retriever, "depth") else depth
+        for name, component in components.items():
+            got, _ = component.retrieve_history(history, deep, exclude_seen=exclude_seen, allow=allow, deny=deny)
+            for item in got[got != -1].tolist():
+                found.setdefault(int(item), []).append(str(name))
+    return [found.get(int(item), []) for item in ids]
+
+
+__all__ = ["Explainer", "found_by"]

@@ -45,11 +45,11 @@ import numpy as np
 from data.config import require
 from data.errors import BudgetExceededError, ConfigError, DataValidationError, OverloadedError, UnknownIdError
 from pipeline.budget import LatencyPredictor, LinearLatency, measure_latency, plan_shortlist
-from pipeline.explain import Explainer
+from pipeline.explain import Explainer, found_by
 from pipeline.loading import check_vocabulary, load_parts
 from pipeline.microbatch import MicroBatcher, ranker_scorer
 from pipeline.recommender_config import RecommenderConfig
-from pipeline.response import PATHS, STAGES, Recommendation, RecommendedItem
+from pipeline.response import PATHS, STAGES, Recommendation, RecommendedItem, RetrievedItem
 from ranking.residual import base_offsets, residual_base
 
 log = logging.getLogger(__name__)
@@ -307,12 +307,14 @@ class Recommender:
 
     def recommend(self, user: Any = None, k: int = 10, budget_ms: float | None = None, exclude_seen: bool = True,
                   allow: Any = None, deny: Any = None, *, history: Any = None, explain: bool = True,
-                  started: float | None = None) -> Recommendation:
+                  started: float | None = None, include_retrieval: bool = False) -> Recommendation:
         """The top-``k`` items for a user id or a history (item ids, oldest first); see the module docstring.
 
         ``user`` may be a user id or a history; ``history=`` given with a user id replaces that user's
         history for this request. ``started`` (a ``time.perf_counter()`` value) is when the request
-        arrived, so the budget covers what happened before the call.
+        arrived, so the budget covers what happened before the call. ``include_retrieval`` adds the
+        retrieval order the list started from, with titles and the retrievers that found each candidate
+        (:attr:`Recommendation.retrieval`); it is built after the timings are taken.
         """
         t0 = started if started is not None else time.perf_counter()
         c = self.config
@@ -337,12 +339,14 @@ class Recommender:
         if explicit is not None:
             hist = hist[self.retriever.items.rows(hist, missing="ignore") >= 0] if hist.size else hist
         depth = max(c.retrieve_k, k)
+        by_history = False
         if hist.size == 0:
             path = "cold_start"
             ids, scores = self.retriever.popular_items(depth, allow=allow, deny=deny)
         else:
             path = "retrieval"
-            if explicit is not None or self.observed(user_id):
+            by_history = explicit is not None or self.observed(user_id)
+            if by_history:
                 ids, scores = self.retriever.retrieve_history(hist, depth, exclude_seen=exclude_seen, allow=allow,
                                                               deny=deny)
             else:
@@ -400,9 +404,17 @@ class Recommender:
         degraded = reason is not None
         if degraded:
             log.info("degraded (%s) for user %s: %d candidates in retrieval order", reason, user_id, ids.size)
+        retrieval = None
+        if include_retrieval:
+            shown = ids[: max(k, int(m))]
+            sources = ([["popular"]] * shown.size if path == "cold_start" else
+                       found_by(self.retriever, shown, user_id=user_id, history=hist, by_history=by_history,
+                                depth=depth, exclude_seen=exclude_seen, allow=allow, deny=deny))
+            retrieval = [RetrievedItem(item_id=int(i), rank=r + 1, score=float(scores[r]), title=self._title(i),
+                                       sources=list(sources[r])) for r, i in enumerate(shown)]
         return Recommendation(items=items, path=path, degraded=degraded, degraded_reason=reason, reranked_m=int(m),
                               timings_ms={key: round(v, 3) for key, v in timings.items()}, budget_ms=budget,
-                              user_id=user_id, history_length=int(hist.size))
+                              user_id=user_id, history_length=int(hist.size), retrieval=retrieval)
 
     @staticmethod
     def _lap(timings: dict[str, float], stage: str, tick: float) -> float:
@@ -504,6 +516,7 @@ __all__ = [
     "Recommendation",
     "RecommendedItem",
     "Recommender",
+    "RetrievedItem",
     "check_vocabulary",
     "filter_candidates",
     "popular_items",

@@ -1,4 +1,5 @@
-"""What the online recommender answers: :class:`Recommendation` (one request) of :class:`RecommendedItem`."""
+"""What the online recommender answers: :class:`Recommendation` (one request) of :class:`RecommendedItem`,
+and, when asked, the retrieval order it started from (:class:`RetrievedItem`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,25 @@ class RecommendedItem:
 
 
 @dataclass
+class RetrievedItem:
+    """One candidate of the retrieval order, before reranking (``include_retrieval=True`` only).
+
+    Attributes:
+        item_id: external item id.
+        rank: 1-based position in the filtered retrieval order.
+        score: its retrieval score.
+        title: its title, when the artifact has an item table.
+        sources: the retrievers that found it (the components of a hybrid; ``["popular"]`` on cold start).
+    """
+
+    item_id: int
+    rank: int
+    score: float
+    title: str | None = None
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Recommendation:
     """What :meth:`pipeline.recommender.Recommender.recommend` returns.
 
@@ -54,6 +74,9 @@ class Recommendation:
         budget_ms: the request's budget.
         user_id: the user, when the request named one.
         history_length: items in the history used.
+        retrieval: the filtered retrieval order the list started from (its first ``max(k, reranked_m)``
+            candidates), only when the request asked for it (``include_retrieval``); else ``None``, and
+            left out of :meth:`to_dict`.
     """
 
     items: list[RecommendedItem]
@@ -65,6 +88,7 @@ class Recommendation:
     budget_ms: float
     user_id: int | None = None
     history_length: int = 0
+    retrieval: list[RetrievedItem] | None = None
 
     @property
     def item_ids(self) -> list[int]:
@@ -72,8 +96,11 @@ class Recommendation:
         return [i.item_id for i in self.items]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (what the HTTP service returns)."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (what the HTTP service returns); ``retrieval`` only when it was asked for."""
+        out = dataclasses.asdict(self)
+        if self.retrieval is None:
+            del out["retrieval"]
+        return out
 
 
-__all__ = ["PATHS", "STAGES", "Recommendation", "RecommendedItem"]
+__all__ = ["PATHS", "STAGES", "Recommendation", "RecommendedItem", "RetrievedItem"]

@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder", choices=("narrow", "minilm"), default=None,
                         help="narrow BERT from scratch, or MiniLM layers with LoRA")
     parser.add_argument("--layers", type=int, default=None, help="encoder layers")
+    parser.add_argument("--norm", choices=("post", "pre"), default=None, help="layer order of a narrow encoder")
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer = dataclasses.replace(trainer, peft="lora")
     if args.layers is not None:
         model = dataclasses.replace(model, layers=args.layers)
+    if args.norm is not None:
+        model = dataclasses.replace(model, norm=args.norm)
     if args.steps is not None:
         trainer = dataclasses.replace(trainer, max_steps=args.steps)
     if args.eval_every is not None:

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     app = build_app(args)
-    print(f"shortlist serve: http://{args.host}:{args.port} (ready when GET /readyz answers 200)", flush=True)
+    print(f"shortlist serve: http://{args.host}:{args.port} (ready when GET /readyz answers 200; the explorer "
+          f"page is at http://{args.host}:{args.port}/)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5)
     return 0

@@ -2,11 +2,16 @@
 
 Endpoints:
 
-* ``POST /recommend`` ``{user_id | history, k, budget_ms, exclude_seen, allow, deny, explain}`` -> the
-  :class:`~pipeline.recommender.Recommendation` (items, ``path``, ``degraded``, ``reranked_m``,
-  ``timings_ms``);
+* ``POST /recommend`` ``{user_id | history, k, budget_ms, exclude_seen, allow, deny, explain,
+  include_retrieval}`` -> the :class:`~pipeline.recommender.Recommendation` (items, ``path``, ``degraded``,
+  ``reranked_m``, ``timings_ms``; ``retrieval``, the retrieval order with the retrievers that found each
+  candidate, only with ``include_retrieval``);
 * ``POST /rerank`` ``{user_id | history, candidates, top_n}`` -> ``{"results": [{item_id, score, index}]}``;
 * ``POST /events`` ``{user_id, item_id, timestamp}`` -> the user's new history length;
+* ``GET /users/{user_id}/history?limit=20`` -> the user's most recent items with titles and genres;
+* ``GET /items/search?q=...&limit=20`` -> catalogue items whose title contains ``q`` (or whose id it is);
+* ``GET /`` the explorer page (:mod:`pipeline.explorer`; it and ``/static/explorer.{js,css}`` need no key,
+  every call it makes goes through the endpoints above);
 * ``GET /healthz`` (liveness), ``GET /readyz`` (200 once the models are loaded and warmed, else 503);
 * ``GET /metrics`` (Prometheus): per-stage latency histograms, degraded responses by reason, queue depth,
   batch sizes, shed requests.
@@ -30,7 +35,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,6 +48,7 @@ from data.errors import (
     ShortlistError,
     UnknownIdError,
 )
+from pipeline.explorer import ASSETS, CSP, PAGE, PUBLIC_PATHS, ItemCatalogue, ItemSearch, UserHistory, asset
 from pipeline.recommender import STAGES, Recommender
 from pipeline.recommender_config import ServiceConfig
 
@@ -73,6 +79,8 @@ def request_models(config: ServiceConfig) -> dict[str, type[BaseModel]]:
         allow: list[ExternalId] | None = Field(None, max_length=config.max_candidates)
         deny: list[ExternalId] | None = Field(None, max_length=config.max_candidates)
         explain: bool = True
+        include_retrieval: bool = Field(False, description="add `retrieval`: the retrieval order the list started "
+                                                           "from, with the retrievers that found each candidate")
 
         @model_validator(mode="after")
         def _user_or_history(self) -> Any:
@@ -152,6 +160,7 @@ class _State:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.recommender: Recommender | None = None
+        self.catalogue: ItemCatalogue | None = None
         self.ready = threading.Event()
         self.status = "starting"
         self.in_flight = 0
@@ -179,6 +188,7 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
             state.status = "loading"
             rec = recommender() if loaded_here else recommender
             state.recommender = rec
+            state.catalogue = ItemCatalogue(rec)
             rec.start()
             if rec.batcher is not None:
                 rec.batcher.on_batch = observe_batch
@@ -263,7 +273,7 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
         try:
             result = rec.recommend(body.user_id, k=body.k, budget_ms=body.budget_ms, exclude_seen=body.exclude_seen,
                                    allow=body.allow, deny=body.deny, history=body.history, explain=body.explain,
-                                   started=started)
+                                   started=started, include_retrieval=body.include_retrieval)
         except (DataValidationError, UnknownIdError, ConfigError):
             raise
         except Exception as exc:  # the retriever failed: popular items, marked degraded
@@ -315,7 +325,48 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
         length = rec.observe(body.user_id, body.item_id, body.timestamp)
         return {"user_id": body.user_id, "item_id": body.item_id, "history_length": length}
 
+    # -- the explorer page and its lookups ---------------------------------------------------------
+    def catalogue() -> ItemCatalogue:
+        require_ready()
+        return state.catalogue
+
+    @app.get("/users/{user_id}/history", response_model=UserHistory)
+    def user_history(user_id: Annotated[int, Path(ge=-(2**63), le=2**63 - 1, description="external user id")],
+                     limit: Annotated[int, Query(ge=1, le=config.max_history,
+                                                 description="most recent items returned")] = 20) -> UserHistory:
+        """The user's most recent items (stored history plus real-time events), newest first, with titles
+        and genres; an unknown user has an empty history."""
+        return catalogue().history(user_id, limit)
+
+    @app.get("/items/search", response_model=ItemSearch)
+    def search_items(q: Annotated[str, Query(min_length=1, max_length=100, description="part of a title, or an id")],
+                     limit: Annotated[int, Query(ge=1, le=config.max_k)] = 20) -> Any:
+        """Catalogue items whose title contains ``q`` (case-insensitive; those starting with it first), after
+        the item whose id is ``q``; ids only when the artifact has no item table."""
+        if not q.strip():
+            return JSONResponse(status_code=422, content={"detail": [
+                {"loc": ["query", "q"], "msg": "give some text to search titles for", "type": "value_error"}]})
+        return catalogue().search(q, limit)
+
+    @app.get("/", include_in_schema=False)
+    def explorer_page() -> Response:
+        """The explorer page (no data in it; its calls need the API key like any client's)."""
+        return Response(asset(PAGE), media_type="text/html; charset=utf-8", headers=_page_headers())
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def explorer_asset(name: str) -> Response:
+        """The explorer's script and style sheet (a fixed list; anything else is 404)."""
+        if name not in ASSETS:
+            raise HTTPException(404, detail=f"no such asset; the explorer has {sorted(ASSETS)}")
+        return Response(asset(name), media_type=ASSETS[name], headers=_page_headers())
+
     return app
+
+
+def _page_headers() -> dict[str, str]:
+    """Headers of the explorer's page and assets: its own content only, never framed, revalidated."""
+    return {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache",
+            "Referrer-Policy": "no-referrer"}
 
 
 def _domain_response(exc: ShortlistError, config: ServiceConfig) -> JSONResponse:
@@ -342,13 +393,20 @@ def _emergency(rec: Recommender, body: Any, started: float, exc: Exception) -> A
                           budget_ms=float(body.budget_ms or rec.config.budget_ms), user_id=body.user_id)
 
 
-_ENDPOINTS = ("/recommend", "/rerank", "/events", "/healthz", "/readyz", "/metrics")
+_ENDPOINTS = ("/recommend", "/rerank", "/events", "/healthz", "/readyz", "/metrics", "/items/search", "/")
+
+
+def _is_history(path: str) -> bool:
+    """Whether ``path`` is ``/users/<id>/history`` (one metrics label for every user)."""
+    parts = path.split("/")
+    return len(parts) == 4 and parts[1] == "users" and parts[3] == "history"
 
 
 class _Guard:
-    """Pure ASGI middleware: request start time, bearer auth (401), body size limit (413, the body is read
-    here, at most ``max_body_bytes``), in-flight shedding (503) and a last-resort guard that turns any
-    escaped exception into 503."""
+    """Pure ASGI middleware: request start time, bearer auth (401; probes and the explorer page's
+    :data:`~pipeline.explorer.PUBLIC_PATHS` are open), body size limit (413, the body is read here, at most
+    ``max_body_bytes``), in-flight shedding (503) and a last-resort guard that turns any escaped exception
+    into 503."""
 
     def __init__(self, app: Any, *, state: _State, metrics: Metrics, api_key: str) -> None:
         self.app = app
@@ -364,7 +422,7 @@ class _Guard:
         started = time.perf_counter()
         scope["shortlist.started"] = started
         path = scope.get("path", "")
-        endpoint = path if path in _ENDPOINTS else "other"
+        endpoint = path if path in _ENDPOINTS else "/users/{id}/history" if _is_history(path) else "other"
         status_seen: list[int] = []
 
         async def send_wrapper(message: dict) -> None:
@@ -381,7 +439,8 @@ class _Guard:
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
-            if self.api_key and path not in config.open_paths and not self._authorized(headers):
+            public = path in config.open_paths or path in PUBLIC_PATHS
+            if self.api_key and not public and not self._authorized(headers):
                 await reply(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                             {"WWW-Authenticate": "Bearer"})
                 return

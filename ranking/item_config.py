@@ -46,6 +46,9 @@ class ItemTokenConfig(JsonConfig):
         heads: attention heads of the narrow encoder (must divide ``hidden``).
         ffn: feed-forward width of the narrow encoder.
         dropout: hidden and attention dropout of the narrow encoder (a MiniLM keeps its own).
+        norm: layer order: ``"post"`` (BERT's own: ``LN(x + sublayer(x))``; pretrained MiniLM layers need
+            it) or ``"pre"`` (``x + sublayer(LN x)`` with the same modules and a final LayerNorm; trains
+            from scratch more easily).
         max_history: most recent history items read (N).
         id_dim: width of the learned item-id embedding (initialised from the retriever's item vectors when
             their width matches, else projected to it by PCA).
@@ -72,6 +75,7 @@ class ItemTokenConfig(JsonConfig):
     heads: int = 2
     ffn: int = 256
     dropout: float = 0.1
+    norm: str = "post"
     max_history: int = 100
     id_dim: int = 64
     use_ids: bool = True
@@ -98,6 +102,9 @@ class ItemTokenConfig(JsonConfig):
                 "ItemTokenConfig.dropout and id_dropout must be in [0, 1)")
         require(self.use_ids or self.use_text or self.use_genres or self.use_year,
                 "ItemTokenConfig: at least one of use_ids, use_text, use_genres, use_year must be on")
+        require(self.norm in ("post", "pre"), f"ItemTokenConfig.norm must be 'post' or 'pre', got {self.norm!r}")
+        require(self.encoder == "narrow" or self.norm == "post",
+                "ItemTokenConfig.norm='pre' is for the narrow encoder; pretrained MiniLM layers are post-LN")
         require(self.kv_cache_users >= 0 and self.threads >= 0,
                 "ItemTokenConfig.kv_cache_users and threads must be >= 0")
         require(isinstance(self.base_model, str) and self.base_model != "",

@@ -35,6 +35,8 @@ from torch import nn
 from data.errors import ConfigError
 from ranking.item_config import ItemTokenConfig
 
+#: Layer orders: BERT's own post-LN (pretrained MiniLM layers need it) or pre-LN (same modules, reordered).
+NORMS = ("post", "pre")
 #: Token types of the encoder's embedding block.
 HISTORY_TYPE, CANDIDATE_TYPE = 0, 1
 
@@ -211,8 +213,12 @@ class ItemTokenModel(nn.Module):
         head_hidden: hidden width of the head's MLP.
     """
 
-    def __init__(self, inputs: ItemInputs, encoder: nn.Module, max_history: int, head_hidden: int) -> None:
+    def __init__(self, inputs: ItemInputs, encoder: nn.Module, max_history: int, head_hidden: int,
+                 norm: str = "post") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ConfigError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+        self.norm = norm
         self.items = inputs
         self.bert = encoder
         config = encoder.config
@@ -224,6 +230,8 @@ class ItemTokenModel(nn.Module):
         if self.max_history + 1 > int(config.max_position_embeddings):
             raise ConfigError(f"max_history={max_history} needs {max_history + 1} positions; the encoder has "
                               f"{config.max_position_embeddings}")
+        if norm == "pre":  # pre-LN stacks end with a LayerNorm of their own
+            self.final_norm = nn.LayerNorm(self.hidden, eps=float(getattr(config, "layer_norm_eps", 1e-12)))
         self.head = nn.Sequential(nn.Linear(self.hidden, head_hidden), nn.GELU(), nn.Linear(head_hidden, 1))
         self.state_bilinear = nn.Linear(self.hidden, self.hidden, bias=False)
         self.history_bilinear = nn.Linear(self.hidden, self.hidden, bias=False)
@@ -239,7 +247,10 @@ class ItemTokenModel(nn.Module):
         return emb.dropout(emb.LayerNorm(x))
 
     def _qkv(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``(B, heads, L, d)`` of ``x`` (pre-LN: of its LayerNorm)."""
         attn = layer.attention.self
+        if self.norm == "pre":
+            x = layer.attention.output.LayerNorm(x)
         b, n, _ = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -248,10 +259,19 @@ class ItemTokenModel(nn.Module):
         return split(attn.query(x)), split(attn.key(x)), split(attn.value(x))
 
     def _finish(self, layer: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The rest of a layer after attention: BERT's post-LN order (``LN(x + attn)``, ``LN(h + ffn)``),
+        or pre-LN (``x + attn(LN x)``, ``h + ffn(LN h)``) with the same modules."""
         b, n = x.shape[:2]
         out = attended.transpose(1, 2).reshape(b, n, self.hidden)
-        x = layer.attention.output(out, x)
-        return layer.output(layer.intermediate(x), x)
+        if self.norm == "post":
+            x = layer.attention.output(out, x)
+            return layer.output(layer.intermediate(x), x)
+        x = x + layer.attention.output.dropout(layer.attention.output.dense(out))
+        h = layer.intermediate(layer.output.LayerNorm(x))
+        return x + layer.output.dropout(layer.output.dense(h))
+
+    def _last(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(x) if self.norm == "pre" else x
 
     # ---- history --------------------------------------------------------------------------------
     def encode_history(self, rows: torch.Tensor, mask: torch.Tensor) -> ItemHistoryState:
@@ -276,6 +296,7 @@ class ItemTokenModel(nn.Module):
             x = self._finish(layer, attended, x)
             keys.append(k)
             values.append(v)
+        x = self._last(x)
         weights = mask.to(x.dtype).unsqueeze(-1)
         summary = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return ItemHistoryState(keys, values, mask, summary)
@@ -306,6 +327,7 @@ class ItemTokenModel(nn.Module):
             lh = past_k.shape[2]
             attended = torch.matmul(probs[..., :lh], past_v) + probs[..., lh:] * v
             x = self._finish(layer, attended, x)
+        x = self._last(x)
         summary = state.summary[:, None, :]  # (Bh, 1, H)
         mlp = self.head(x).squeeze(-1)
         bilinear = (self.state_bilinear(x) * token).sum(-1)

@@ -189,7 +189,7 @@ class ItemTokenRanker:
             hidden = int(encoder.config.hidden_size)
             buckets = n_year_buckets(config.year_bucket_years) if config.use_year else 1
             inputs = ItemInputs(features, len(items), config, hidden, buckets)
-            model = ItemTokenModel(inputs, encoder, config.max_history, config.head_hidden)
+            model = ItemTokenModel(inputs, encoder, config.max_history, config.head_hidden, config.norm)
         finally:
             torch.random.set_rng_state(state)
         if item_vectors is not None and config.use_ids:
@@ -486,7 +486,7 @@ class ItemTokenRanker:
                                         year_bucket=state["items.year_bucket"].numpy(), genre_names=genre_names)
             buckets = n_year_buckets(config.year_bucket_years) if config.use_year else 1
             inputs = ItemInputs(features, n_id_items, config, int(encoder.config.hidden_size), buckets)
-            model = ItemTokenModel(inputs, encoder, config.max_history, config.head_hidden)
+            model = ItemTokenModel(inputs, encoder, config.max_history, config.head_hidden, config.norm)
             model.load_state_dict(state, strict=True)
         except (KeyError, RuntimeError, ConfigError) as exc:
             raise ArtifactError(f"{folder}: the weights do not fit the manifest ({exc}); nothing is "

@@ -202,15 +202,17 @@ def test_hybrid_head_travels_in_the_manifest_and_the_recommender_serves_it(train
 
 
 def test_recommender_plans_item_tokens_with_one_token_per_candidate(trained):
-    from pipeline.budget import LinearLatency
+    from pipeline.budget import LinearLatency, plan_shortlist
     from pipeline.recommender import Recommender
 
     _, retriever, ranker, _ = trained
     ranker.set_hybrid_head(None)
-    latency = LinearLatency(intercept=1.0, per_candidate_token=1.0)  # 1 ms per candidate
-    rec = Recommender(retriever, ranker, latency=latency)
-    out = rec.recommend(0, k=5, budget_ms=rec.config.plan_margin_ms + rec.config.reserve_ms + 7.5)
-    assert 0 < out.reranked_m <= 6
     np.testing.assert_array_equal(ranker.candidate_lengths(), np.ones(len(ranker.items)))
     shape = ranker.request_shape(ranker.items.ids[:10], ranker.items.ids[:4])  # the model reads the last 8
     assert shape == {"history_tokens": 8, "candidates": 4, "candidate_tokens": 4}
+    latency = LinearLatency(intercept=1.0, per_candidate_token=1.0)  # 1 ms per candidate
+    m, predicted, reason = plan_shortlist(latency, 7.5, 8, ranker.candidate_lengths()[:12], min_m=2)
+    assert (m, predicted, reason) == (6, 7.0, None)
+    rec = Recommender(retriever, ranker, latency=latency)
+    out = rec.recommend(0, k=5, budget_ms=10_000)  # time is no constraint: M is the cap
+    assert out.path == "reranked" and out.reranked_m == min(rec.config.max_m, len(ranker.items) - out.history_length)

@@ -222,6 +222,19 @@ class TestItemTokenRanker(RankerContract):
         assert spearmanr(int8, fp32)[0] >= 0.9
 
 
+class TestItemTokenRankerPreLN(RankerContract):
+    """The narrow encoder with pre-LN layers (the same BERT modules, reordered, plus a final LayerNorm)."""
+
+    def make(self, tokenizer, text_model, catalogue, content_only=False, **kwargs):
+        return TestItemTokenRanker().make(tokenizer, text_model, catalogue, content_only, norm="pre", **kwargs)
+
+    def backend_for(self, ranker, model):
+        return TestItemTokenRanker().backend_for(ranker, model)
+
+    def wrap_lora(self, model):
+        return TestItemTokenRanker().wrap_lora(model)
+
+
 class TestTitleRanker(RankerContract):
     def make(self, tokenizer, text_model, catalogue, content_only=False, **kwargs):
         from ranking.config import RankerConfig, TextConfig
