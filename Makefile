@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/shortlist train --artifacts artifacts
-	$(VENV)/bin/shortlist evaluate --artifacts artifacts
-	$(VENV)/bin/shortlist recommend --user 1 --k 10 --artifacts artifacts
+	$(VENV)/bin/shortlist train-ranker --artifacts artifacts
+	$(VENV)/bin/shortlist evaluate --artifacts artifacts --ranker auto
+	$(VENV)/bin/shortlist recommend --user 1 --k 10 --artifacts artifacts --ranker auto
 	$(VENV)/bin/shortlist recommend --user 999999 --k 5 --artifacts artifacts
 	$(VENV)/bin/shortlist candidates --out artifacts/candidates.parquet --k 100 --artifacts artifacts
 

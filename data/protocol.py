@@ -211,18 +211,7 @@ def leave_one_out(data: Interactions) -> Split:
         raise DataValidationError(
             f"leave_one_out: users {short} have fewer than 3 events; apply the k-core filter first"
         )
-    position_from_end = f.groupby(USER).cumcount(ascending=False).to_numpy()
-    test = f[position_from_end == 0]
-    val = f[position_from_end == 1]
-    train = f[position_from_end >= 2]
-    return Split(
-        train=data.with_frame(train, name=f"{data.name}:train"),
-        val=val.reset_index(drop=True),
-        test=test.reset_index(drop=True),
-        users=data.user_vocab(),
-        items=data.item_vocab(),
-        kind="leave_one_out",
-    )
+    return _tail_split(data, f, np.ones(len(f), dtype=np.int64), "leave_one_out")
 
 
 def last_n(data: Interactions, n: int = 5) -> Split:
@@ -244,18 +233,20 @@ def last_n(data: Interactions, n: int = 5) -> Split:
             f"last_n: users {short} have fewer than 4 events (2 to train on, 1 to validate, 1 to test); apply "
             "the k-core filter first"
         )
+    return _tail_split(data, f, np.minimum(int(n), counts - 3), "last_n")
+
+
+def _tail_split(data: Interactions, f: pd.DataFrame, n_test: np.ndarray, kind: str) -> Split:
+    """Per user of the sorted events ``f``: the last ``n_test`` (per event row, its user's count) are test,
+    the one before them validation, the rest training."""
     position_from_end = f.groupby(USER).cumcount(ascending=False).to_numpy()
-    n_test = np.minimum(int(n), counts - 3)
-    test = f[position_from_end < n_test]
-    val = f[position_from_end == n_test]
-    train = f[position_from_end > n_test]
     return Split(
-        train=data.with_frame(train, name=f"{data.name}:train"),
-        val=val.reset_index(drop=True),
-        test=test.reset_index(drop=True),
+        train=data.with_frame(f[position_from_end > n_test], name=f"{data.name}:train"),
+        val=f[position_from_end == n_test].reset_index(drop=True),
+        test=f[position_from_end < n_test].reset_index(drop=True),
         users=data.user_vocab(),
         items=data.item_vocab(),
-        kind="last_n",
+        kind=kind,
     )
 
 

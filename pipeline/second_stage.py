@@ -65,7 +65,7 @@ class SecondStageConfig(JsonConfig):
     n: int = 5
     retriever: str = "two_tower"
     model: ItemTokenConfig = field(default_factory=ItemTokenConfig)
-    trainer: ItemTrainerConfig = field(default_factory=ItemTrainerConfig)
+    trainer: ItemTrainerConfig = field(default_factory=lambda: ItemTrainerConfig(max_steps=14000, eval_every=500))
     student_layers: tuple[int, ...] = (1,)
     student_trainer: ItemTrainerConfig = field(
         default_factory=lambda: ItemTrainerConfig(max_steps=2000, learning_rate=1e-3, warmup_steps=50))
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=None, help="encoder layers")
     parser.add_argument("--norm", choices=("post", "pre"), default=None, help="layer order of a narrow encoder")
     parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--hard-horizon", type=int, default=None,
+                        help="positions with fewer later training events draw no hard negatives")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--retrain", action="store_true")
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         model = dataclasses.replace(model, norm=args.norm)
     if args.steps is not None:
         trainer = dataclasses.replace(trainer, max_steps=args.steps)
+    if args.hard_horizon is not None:
+        trainer = dataclasses.replace(trainer, hard_horizon=args.hard_horizon)
+        student = dataclasses.replace(student, hard_horizon=args.hard_horizon)
     if args.eval_every is not None:
         trainer = dataclasses.replace(trainer, eval_every=args.eval_every)
         student = dataclasses.replace(student, eval_every=args.eval_every)

@@ -49,6 +49,20 @@ from retrieval.trainer import torch_threads
 BACKENDS = ("torch", "torch-int8", "torch-bf16", "onnx", "onnx-int8", "cuda")
 
 
+@contextlib.contextmanager
+def inference_scope(model: nn.Module, threads: int = 0) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode (restored after), ``threads`` torch threads (0: unchanged) and
+    ``torch.inference_mode``: how every backend scores."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch_threads(threads), torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
 class ScoringBackend(ABC):
     """Runs a cross-encoder's forward passes; see the module docstring.
 
@@ -99,16 +113,8 @@ class TorchBackend(ScoringBackend):
         self.device = torch.device(device)
         self.threads = threads
 
-    @contextlib.contextmanager
-    def _scope(self) -> Iterator[None]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch_threads(self.threads), torch.inference_mode():
-                yield
-        finally:
-            if was_training:
-                self.model.train()
+    def _scope(self) -> contextlib.AbstractContextManager[None]:
+        return inference_scope(self.model, self.threads)
 
     def score_pairs(self, batch: PairwiseBatch) -> np.ndarray:
         with self._scope():

@@ -40,6 +40,7 @@ from ranking.encoder import CrossEncoder, encoder_from_config, load_base
 from ranking.inputs import candidate_batch, history_batch, length_buckets, pairwise_batch
 from ranking.scoring import score_lists
 from ranking.text import ItemTokens, SpecialTokens
+from ranking.weights import load_checked, merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +350,7 @@ class CrossEncoderRanker:
         from safetensors.numpy import save_file as save_numpy
         from safetensors.torch import save_file
 
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-        adapters = [k for k in state if "lora_" in k or "modules_to_save" in k]
-        if adapters:
-            raise ArtifactError(f"save: the model still holds peft adapters ({adapters[:3]}); merge them first "
-                                "(ranking.trainer.merge_adapters)")
+        state = merged_state_dict(self.model)
         folder = Path(folder)
         with atomic_path(folder) as tmp:
             tmp.mkdir()
@@ -386,7 +383,6 @@ class CrossEncoderRanker:
         """Load a folder written by :meth:`save`; a manifest that does not match the files raises
         :class:`~data.errors.ArtifactError`."""
         from safetensors.numpy import load_file as load_numpy
-        from safetensors.torch import load_file
 
         folder = Path(folder)
         manifest = read_manifest(folder, kind=RANKER_KIND)
@@ -399,10 +395,7 @@ class CrossEncoderRanker:
             raise ArtifactError(f"{folder}: manifest is incomplete or inconsistent ({exc}); re-create the "
                                 "artifact") from exc
         model = CrossEncoder(encoder, config.head_hidden, config.head_dropout, config.pairwise_pooling)
-        state = load_file(str(folder / MODEL_FILE))
-        if sorted(state) != sorted(manifest.get("tensor_names", [])):
-            raise ArtifactError(f"{folder}: {MODEL_FILE} holds other tensors than the manifest lists; "
-                                "re-create the artifact")
+        state = load_checked(folder, MODEL_FILE, manifest)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatch: the manifest's encoder config is not these weights'

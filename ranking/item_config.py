@@ -10,18 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data.config import JsonConfig, require
-from ranking.config import BUNDLED_MINILM, DEFAULT_TARGETS, PEFT_METHODS
+from ranking.config import BUNDLED_MINILM, DEFAULT_TARGETS, PEFT_METHODS, _positive_ints
 
 #: Encoders of the item-token model: a narrow BERT stack trained from scratch, or the bundled MiniLM's first
 #: layers (pretrained, adapted with LoRA).
 ENCODERS = ("narrow", "minilm")
-
-
-def _positive(obj: object, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{type(obj).__name__}.{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -94,7 +87,7 @@ class ItemTokenConfig(JsonConfig):
     def __post_init__(self) -> None:
         require(self.encoder in ENCODERS, f"ItemTokenConfig.encoder must be one of {list(ENCODERS)}, "
                                           f"got {self.encoder!r}")
-        _positive(self, ("hidden", "layers", "heads", "ffn", "max_history", "id_dim", "year_bucket_years",
+        _positive_ints(self, ("hidden", "layers", "heads", "ffn", "max_history", "id_dim", "year_bucket_years",
                          "head_hidden", "batch_size"))
         require(self.hidden % self.heads == 0,
                 f"ItemTokenConfig.heads={self.heads} must divide hidden={self.hidden}")
@@ -127,6 +120,11 @@ class ItemTrainerConfig(JsonConfig):
         n_hard: hard negatives per list.
         n_uniform: uniform negatives per list.
         hard_pool: retrieval depth hard negatives are drawn from (per prefix).
+        hard_horizon: a position draws hard negatives only when the user has at least this many later events
+            in the training data (so a hard negative is an item not taken over that horizon); closer to the
+            end of the training window its negatives are all uniform. Without it, the items a user takes
+            right after the window (unknown at training time) become hard negatives of the histories most
+            like the one served next (see :mod:`ranking.item_lists`).
         min_history: fewest history items a training position needs.
         learning_rate: AdamW learning rate of everything trained in full (a narrow encoder, the item inputs,
             the head).
@@ -156,6 +154,7 @@ class ItemTrainerConfig(JsonConfig):
     n_hard: int = 32
     n_uniform: int = 16
     hard_pool: int = 64
+    hard_horizon: int = 30
     min_history: int = 1
     learning_rate: float = 2e-3
     adapter_learning_rate: float = 1e-3
@@ -178,8 +177,9 @@ class ItemTrainerConfig(JsonConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _positive(self, ("max_steps", "batch_size", "hard_pool", "min_history", "lora_r", "lora_alpha",
+        _positive_ints(self, ("max_steps", "batch_size", "hard_pool", "min_history", "lora_r", "lora_alpha",
                          "eval_every", "val_candidates", "threads"))
+        require(self.hard_horizon >= 0, f"ItemTrainerConfig.hard_horizon must be >= 0, got {self.hard_horizon}")
         require(self.n_hard >= 0 and self.n_uniform >= 0 and self.n_hard + self.n_uniform >= 1,
                 "ItemTrainerConfig.n_hard and n_uniform must be >= 0 with at least one negative in all")
         require(self.peft in ("", *PEFT_METHODS),

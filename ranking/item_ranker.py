@@ -30,7 +30,7 @@ import copy
 import hashlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from data.dataset import ITEM, USER, Interactions
 from data.errors import ArtifactError, ConfigError, DataValidationError, UnknownIdError
 from data.io import atomic_path, file_checksums, library_versions, read_manifest, write_manifest
 from data.vocab import IdVocab
+from ranking.backends import inference_scope
 from ranking.item_config import ItemTokenConfig
 from ranking.item_model import (
     ItemFeatureTable,
@@ -53,7 +54,7 @@ from ranking.item_model import (
     history_tensor,
     id_init,
 )
-from retrieval.trainer import torch_threads
+from ranking.weights import load_checked, merged_state_dict
 
 RANKER_KIND = "item_token_ranker"
 MODEL_FILE = "model.safetensors"
@@ -112,16 +113,8 @@ class ItemBackend:
                                               dtype=torch.qint8)
         self.model = model
 
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch_threads(self.threads), torch.inference_mode():
-                yield
-        finally:
-            if was_training:
-                self.model.train()
+    def scope(self) -> contextlib.AbstractContextManager[None]:
+        return inference_scope(self.model, self.threads)
 
     def encode_history(self, rows: torch.Tensor, mask: torch.Tensor) -> ItemHistoryState:
         with self.scope():
@@ -428,11 +421,7 @@ class ItemTokenRanker:
         """Write the ranker to ``folder`` atomically (see the module docstring)."""
         from safetensors.torch import save_file
 
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-        adapters = [k for k in state if "lora_" in k or "modules_to_save" in k]
-        if adapters:
-            raise ArtifactError(f"save: the model still holds peft adapters ({adapters[:3]}); merge them first "
-                                "(ranking.trainer.merge_adapters)")
+        state = merged_state_dict(self.model)
         folder = Path(folder)
         with atomic_path(folder) as tmp:
             tmp.mkdir()
@@ -456,8 +445,6 @@ class ItemTokenRanker:
     def load(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> ItemTokenRanker:
         """Load a folder written by :meth:`save`; a manifest that does not match the files raises
         :class:`~data.errors.ArtifactError`."""
-        from safetensors.torch import load_file
-
         from retrieval.item_features import n_year_buckets
 
         folder = Path(folder)
@@ -473,14 +460,7 @@ class ItemTokenRanker:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{folder}: manifest is incomplete or inconsistent ({exc}); re-create the "
                                 "artifact") from exc
-        try:
-            state = load_file(str(folder / MODEL_FILE))
-        except Exception as exc:
-            raise ArtifactError(f"{folder / MODEL_FILE}: cannot read the weights ({exc}); re-create the "
-                                "artifact") from exc
-        if sorted(state) != sorted(manifest.get("tensor_names", [])):
-            raise ArtifactError(f"{folder}: {MODEL_FILE} holds other tensors than the manifest lists; "
-                                "re-create the artifact")
+        state = load_checked(folder, MODEL_FILE, manifest)
         try:
             features = ItemFeatureTable(text=state["items.text"].numpy(), genres=state["items.genres"].numpy(),
                                         year_bucket=state["items.year_bucket"].numpy(), genre_names=genre_names)

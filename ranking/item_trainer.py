@@ -165,7 +165,8 @@ def train_item_ranker(ranker: ItemTokenRanker, split: Split, retriever: Any, con
         pools, hit = (prefix_pools(retriever, seqs, positions, items, c.hard_pool, progress=c.progress)
                       if c.n_hard else (None, float("nan")))
         validation, _ = validation_set(retriever, split, items, c.val_candidates)
-    batches = PositionBatches(seqs, positions, pools, len(items), c.n_hard, c.n_uniform, c.batch_size, rng)
+    batches = PositionBatches(seqs, positions, pools, len(items), c.n_hard, c.n_uniform, c.batch_size, rng,
+                              hard_horizon=c.hard_horizon)
     model = ranker.model.to(device)
     for parameter in model.parameters():  # a loaded (or distilled-from) model comes frozen
         parameter.requires_grad_(not c.peft)

