@@ -41,6 +41,7 @@ import numpy as np
 from benchmarks.common import DEFAULT_DATA, latency_ms, ml_benchmark_parser, write_results
 from data.metrics import paired_bootstrap_ci
 from pipeline.report import markdown_table
+from ranking.blend import HybridBlend
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def load_stage(protocol: str, raw: Any, folder: Path, threads: int) -> dict[str,
 
 def head_scores(ranker: Any, model_scores: np.ndarray, retrieval: np.ndarray, m: int) -> np.ndarray | None:
     """``(n, m)`` hybrid-head scores of the top ``m`` (``None`` when the ranker has no head)."""
-    from ranking.blend import HybridBlend
-
     if not getattr(ranker, "hybrid_head", None):
         return None
     blend = HybridBlend.from_dict(ranker.hybrid_head)
@@ -185,9 +184,14 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
                f"student ({args.serve_backend}, served)": served_student}
     for folder in args.title or []:
         title = load_ranker(folder)
+        trained_on = (title.meta.get("metrics") or {}).get("train_fingerprint")
+        if trained_on != split.history("val").fingerprint():
+            print(f"{protocol}: skipping {folder}: trained on another split (its train_fingerprint differs)")
+            continue
         rankers[f"title cross-encoder {Path(folder).name}"] = title
     validation = validation_ndcg(rankers, retriever, split, SERVED_M)
-    print(f"{protocol}: validation NDCG@10 at M={SERVED_M}: {validation}")
+    validation_m20 = validation_ndcg(rankers, retriever, split, 20)
+    print(f"{protocol}: validation NDCG@10 at M={SERVED_M}: {validation}; at M=20: {validation_m20}")
     retriever.set_history(split.history("test"))
     cases = split.cases("test")
     n_items = len(split.items)
@@ -207,18 +211,20 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         print(f"  scored {name} in {time.perf_counter() - tick:.1f} s")
         for m in MS:
             lists[f"{name} alone top-{m}"] = (m, rerank_rows(ids, model_scores[name], m))
-        hybrid = head_scores(ranker, model_scores[name], scores, SERVED_M)
+        head_m = getattr(ranker, "head_m", None)
+        hybrid = head_scores(ranker, model_scores[name], scores, head_m) if head_m else None
         if hybrid is not None:
             full = np.full(ids.shape, -np.inf)
-            full[:, :SERVED_M] = hybrid
-            lists[f"{name} + hybrid head top-{SERVED_M}"] = (SERVED_M, rerank_rows(ids, full, SERVED_M))
+            full[:, :head_m] = hybrid
+            used = "" if HybridBlend.from_dict(ranker.hybrid_head).use_blend else " (lost on validation: retrieval order)"
+            lists[f"{name} + hybrid head top-{head_m}{used}"] = (head_m, rerank_rows(ids, full, head_m))
 
-    config = RecommenderConfig(max_m=SERVED_M, threads=args.threads, calibrate=False)
+    config = RecommenderConfig(max_m=max(MS), threads=args.threads, calibrate=False)  # the head's M caps it
     recommender = Recommender(retriever, served_student, config=config)
     tick = time.perf_counter()
     served, served_info = served_lists(recommender, cases, 10, args.quality_budget_ms, not args.quiet)
     served_seconds = time.perf_counter() - tick
-    lists["two-stage (served)"] = (SERVED_M, served)
+    lists["two-stage (served)"] = (served_student.head_m or SERVED_M, served)
 
     reports = {name: evaluate_cases(ranked, cases, n_items, ks=(10,), seed=args.seed)
                for name, (_, ranked) in lists.items()}
@@ -229,8 +235,9 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
     lat_hist = [cases.histories[i] for i in sample]
     load_before = os.getloadavg()
     latency = {name: rank_latency(r, lat_hist, ids[sample], SERVED_M) for name, r in rankers.items()}
+    latency_m100 = {name: rank_latency(r, lat_hist, ids[sample], max(MS)) for name, r in rankers.items()}
     recommender.close()
-    online = Recommender(retriever, served_student, config=RecommenderConfig(max_m=SERVED_M, threads=args.threads))
+    online = Recommender(retriever, served_student, config=RecommenderConfig(max_m=max(MS), threads=args.threads))
     online.warm_up()  # the served path as it runs online: a calibrated latency model plans M within the budget
     served_timing = served_latency(online, lat_hist, args.budget_ms)
     online.close()
@@ -248,7 +255,6 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         owner = next((r for r in rankers if name.startswith(r + " ")), None)
         if owner is not None and name == f"{owner} alone top-{SERVED_M}":
             row["val_NDCG@10"] = round(validation[owner], 6)
-        if owner is not None and m == SERVED_M:
             row["p50_ms"] = round(latency[owner]["p50_ms"], 2)
             row["p99_ms"] = round(latency[owner]["p99_ms"], 2)
         if name == "two-stage (served)":
@@ -263,7 +269,7 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
 
     by_name = {r["method"]: r for r in rows}
     served_row = by_name["two-stage (served)"]
-    teacher_row = by_name.get(f"teacher + hybrid head top-{SERVED_M}")
+    teacher_row = next((r for r in rows if r["method"].startswith("teacher + hybrid head")), None)
     student_name = f"student ({args.serve_backend}, served)"
     teacher_gain = teacher_row["dNDCG@10"] if teacher_row else float("nan")
     kept = served_row["dNDCG@10"] / teacher_gain if teacher_gain and teacher_gain > 0 else float("nan")
@@ -285,10 +291,10 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
     teacher_meta = stage["teacher"].meta
     meta = {
         "cases": len(cases), "users": int(np.unique(cases.users).size), "split": split.stats(),
-        "validation_ndcg@10_M50": validation,
+        "validation_ndcg@10_M50": validation, "validation_ndcg@10_M20": validation_m20,
         "retrieval_seconds": round(retrieval_seconds, 2), "served_seconds": round(served_seconds, 1),
         "target_in_top_100": float(np.mean((ids == cases.targets[:, None]).any(axis=1))),
-        "latency": latency, "served_latency": served_timing, "latency_cases": int(sample.size),
+        "latency": latency, "latency_M100": latency_m100, "served_latency": served_timing, "latency_cases": int(sample.size),
         "load_average_during_latency": [load_before, load_after],
         "teacher": {"config": stage["teacher"].config.to_dict(), "training": teacher_meta.get("training"),
                     "trainer": teacher_meta.get("trainer"), "hybrid_head": teacher_meta.get("hybrid_head")},

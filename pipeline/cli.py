@@ -62,8 +62,9 @@ def _train_ranker(args: argparse.Namespace) -> int:
                                   eval_every=max(1, min(DEMO_TRAINER.eval_every, args.steps)))
     student = dataclasses.replace(DEMO_STUDENT, max_steps=args.student_steps, threads=args.threads,
                                   eval_every=max(1, min(DEMO_STUDENT.eval_every, args.student_steps)))
-    config = SecondStageConfig(trainer=trainer, student_trainer=student, data_path=args.data_path,
-                               student_layers=() if args.student_steps == 0 else (1,), retrain=True)
+    config = SecondStageConfig(trainer=trainer, student_trainer=student, data_path=args.data_path, retrain=True)
+    if args.student_steps == 0:
+        config = dataclasses.replace(config, student_layers=())
     result = train_artifact_ranker(args.artifacts, config)
     rows = []
     for name, part in (("teacher", result.teacher), ("student", result.student)):

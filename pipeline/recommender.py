@@ -8,11 +8,13 @@
    CF folds it in);
 2. **filter** them (padding, duplicates, ``allow``/``deny``, seen items: :func:`filter_candidates`);
 3. **plan** the shortlist size M from the latency model and the budget left (minus the micro-batcher's
-   backlog and a margin), never above ``max_m`` (:func:`pipeline.budget.plan_shortlist`);
+   backlog and a margin), never above ``max_m`` nor the depth the ranker's hybrid head was chosen for on
+   validation (:func:`pipeline.budget.plan_shortlist`);
 4. **rerank** the top M with the cross-encoder, through the micro-batcher, waiting at most until the
    budget's deadline;
 5. **blend** the cross-encoder score with the retrieval score and rank (:class:`~ranking.blend.HybridBlend`)
-   when a blend is loaded;
+   when a blend is loaded, or the ranker carries its own validation-fitted one (its hybrid head); a head
+   that did not beat the retrieval order on validation means the reranker is not run at all;
 6. return the **top k** (the reranked M, then the rest of the retrieval order).
 
 **Degrading**: when the budget left cannot cover ``min_m`` candidates, or the reranker raises, times out or
@@ -122,10 +124,13 @@ class Recommender:
         if blend is not None and getattr(blend, "n_sources", 0):
             raise ConfigError("this blend uses the 'source' feature, which the online path does not compute; "
                               "fit the blend with features ('ce', 'retrieval', 'log_rank')")
-        if blend is None and getattr(ranker, "hybrid_head", None):
+        own_head = blend is None and bool(getattr(ranker, "hybrid_head", None))
+        if own_head:
             from ranking.blend import HybridBlend
 
             self.blend = blend = HybridBlend.from_dict(ranker.hybrid_head)
+        # the ranker's own head was chosen on validation for a shortlist size: rerank that deep (at most max_m)
+        self.head_m: int | None = getattr(ranker, "head_m", None) if own_head else None
         # a blend that lost to the retrieval order in cross-validation would only reproduce that order: the
         # reranker is then not run at all (no latency spent on a list that cannot change)
         self.rerank_pays = not (blend is not None and not getattr(blend, "use_blend", True))
@@ -426,7 +431,8 @@ class Recommender:
         """``(M, predicted ms, reason)`` for the budget left (:func:`~pipeline.budget.plan_shortlist`), after
         the margins and the micro-batcher's backlog."""
         c = self.config
-        rows = self.ranker.items.rows(ids[: min(c.max_m, ids.size)])
+        cap = min(c.max_m, self.head_m) if self.head_m else c.max_m
+        rows = self.ranker.items.rows(ids[: min(cap, ids.size)])
         if self.latency is None:
             return rows.size, 0.0, None
         backlog = self.batcher.backlog_ms if self.batcher is not None else 0.0

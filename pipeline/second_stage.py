@@ -1,8 +1,9 @@
 """Training the second stage end to end: the item-token teacher, its distilled student and their hybrid
 heads, on a split under a protocol, with the candidates of the cached first-stage retriever.
 
-    python -m pipeline.second_stage [--protocol leave_one_out|last_n] [--steps 16000] [--student-steps 3000]
-                                    [--student-layers 1] [--out artifacts/rerank] [--threads 2]
+    python -m pipeline.second_stage [--protocol leave_one_out|last_n] [--steps 14000] [--student-steps 2000]
+                                    [--student-layers 1] [--hard-horizon 30] [--out artifacts/rerank]
+                                    [--threads 2] [--heads-only]
 
 writes, under ``OUT/<protocol>/``:
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from data.config import JsonConfig, require
-from data.errors import ArtifactError
+from data.errors import ArtifactError, ConfigError
 from data.protocol import PROTOCOLS
 from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
 
@@ -53,8 +54,11 @@ class SecondStageConfig(JsonConfig):
         model: the teacher's config.
         trainer: the teacher's training.
         student_layers: teacher layers the student keeps; empty skips distillation.
+        student_ffn: feed-forward width of the student's layers (pruned from the teacher's, most important
+            neurons kept); ``None`` keeps the teacher's width.
         student_trainer: the student's training (distillation).
-        hybrid_m: candidates the hybrid heads are fitted on (M).
+        hybrid_ms: shortlist sizes the hybrid heads are fitted for; validation picks one per ranker
+            (:func:`ranking.item_trainer.fit_hybrid_head`).
         out: root folder; everything goes under ``out/<protocol>/``.
         retrain: train even when a saved teacher matches.
     """
@@ -66,16 +70,18 @@ class SecondStageConfig(JsonConfig):
     retriever: str = "two_tower"
     model: ItemTokenConfig = field(default_factory=ItemTokenConfig)
     trainer: ItemTrainerConfig = field(default_factory=lambda: ItemTrainerConfig(max_steps=14000, eval_every=500))
-    student_layers: tuple[int, ...] = (1,)
+    student_layers: tuple[int, ...] = (0, 1)
+    student_ffn: int | None = 128
     student_trainer: ItemTrainerConfig = field(
-        default_factory=lambda: ItemTrainerConfig(max_steps=2000, learning_rate=1e-3, warmup_steps=50))
-    hybrid_m: int = 50
+        default_factory=lambda: ItemTrainerConfig(max_steps=1500, learning_rate=1e-3, warmup_steps=50))
+    hybrid_ms: tuple[int, ...] = (20, 50, 100)
     out: str = "artifacts/rerank"
     retrain: bool = False
 
     def __post_init__(self) -> None:
         require(self.protocol in PROTOCOLS, f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
-        require(self.n >= 1 and self.hybrid_m >= 2, "n must be >= 1 and hybrid_m >= 2")
+        require(self.n >= 1 and len(self.hybrid_ms) > 0 and min(self.hybrid_ms) >= 2,
+                "n must be >= 1 and hybrid_ms non-empty shortlist sizes >= 2")
 
 
 @dataclass
@@ -99,7 +105,11 @@ def _matches(folder: Path, split: Any, config: SecondStageConfig) -> Any:
         log.warning("cannot load %s (%s); retraining", folder, exc)
         return None
     speed = ("threads", "progress", "device")
-    saved = {k: v for k, v in (ranker.meta.get("trainer") or {}).items() if k not in speed}
+    try:
+        saved = ItemTrainerConfig.from_dict(ranker.meta.get("trainer") or {}).to_dict()
+    except ConfigError:
+        return None
+    saved = {k: v for k, v in saved.items() if k not in speed}
     wanted = {k: v for k, v in config.trainer.to_dict().items() if k not in speed}
     same = (ranker.meta.get("history_fingerprint") == split.history("val").fingerprint()
             and ranker.config == config.model and saved == wanted)
@@ -129,7 +139,7 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
         teacher.meta["retriever"] = getattr(candidates, "name", config.retriever)
     else:
         log.info("teacher loaded from %s", folder / TEACHER_DIR)
-    fit_hybrid_head(teacher, serving, split, config.hybrid_m)
+    fit_hybrid_head(teacher, serving, split, config.hybrid_ms)
     teacher.meta["serving_retriever"] = getattr(serving, "name", type(serving).__name__)
     teacher.save(folder / TEACHER_DIR)
     out = {"folder": str(folder / TEACHER_DIR), "training": teacher.meta.get("training"),
@@ -139,8 +149,9 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
         student_trainer = dataclasses.replace(config.student_trainer,
                                               progress=config.student_trainer.progress and progress)
         student, record = distill_item_ranker(teacher, split, candidates, tuple(config.student_layers),
-                                              student_trainer, teacher_name=str(folder / TEACHER_DIR))
-        fit_hybrid_head(student, serving, split, config.hybrid_m)
+                                              student_trainer, teacher_name=str(folder / TEACHER_DIR),
+                                              ffn_width=config.student_ffn)
+        fit_hybrid_head(student, serving, split, config.hybrid_ms)
         student.meta["retriever"] = teacher.meta.get("retriever")
         student.meta["serving_retriever"] = teacher.meta["serving_retriever"]
         student.save(folder / STUDENT_DIR)
@@ -163,6 +174,33 @@ def train_second_stage(config: SecondStageConfig | None = None, *, raw: Any = No
     retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR,
                                     threads=config.trainer.threads)
     return fit_stage(split, raw.items, retriever, folder, config, progress=progress)
+
+
+def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> dict[str, Any]:
+    """Refit the hybrid heads of the saved teacher and student of ``config.protocol`` on validation (the
+    current :func:`ranking.item_trainer.fit_hybrid_head` rule and ``config.hybrid_ms``) and save them; the
+    weights are not touched. Returns each head's report."""
+    from pipeline.stages import candidate_retriever, protocol_split
+    from pipeline.train import load_dataset
+    from ranking.item_ranker import ItemTokenRanker
+    from ranking.item_trainer import fit_hybrid_head
+
+    config = config or SecondStageConfig()
+    raw = raw if raw is not None else load_dataset(config.dataset, config.data_path)
+    split = protocol_split(raw, config.protocol, config.n)
+    folder = Path(config.out) / config.protocol
+    retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR)
+    reports = {}
+    for name in (TEACHER_DIR, STUDENT_DIR):
+        if not (folder / name / "manifest.json").is_file():
+            continue
+        ranker = ItemTokenRanker.load(folder / name)
+        if ranker.meta.get("history_fingerprint") != split.history("val").fingerprint():
+            raise ArtifactError(f"{folder / name}: trained on another split; retrain it (python -m "
+                                "pipeline.second_stage --retrain)")
+        reports[name] = fit_hybrid_head(ranker, retriever, split, config.hybrid_ms).report
+        ranker.save(folder / name)
+    return reports
 
 
 def ranker_folder(artifacts: str | Path = "artifacts") -> Path:
@@ -217,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-steps", type=int, default=None, help="distillation steps")
     parser.add_argument("--student-layers", type=int, nargs="*", default=None,
                         help="teacher layers the student keeps (none: no student)")
+    parser.add_argument("--student-ffn", type=int, default=None,
+                        help="feed-forward width of the student's layers (0: the teacher's)")
     parser.add_argument("--encoder", choices=("narrow", "minilm"), default=None,
                         help="narrow BERT from scratch, or MiniLM layers with LoRA")
     parser.add_argument("--layers", type=int, default=None, help="encoder layers")
@@ -227,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--heads-only", action="store_true",
+                        help="only refit the saved teacher's and student's hybrid heads on validation")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -259,9 +301,14 @@ def main(argv: list[str] | None = None) -> None:
             changes[name] = getattr(args, name)
     if args.student_layers is not None:
         changes["student_layers"] = tuple(args.student_layers)
+    if args.student_ffn is not None:
+        changes["student_ffn"] = args.student_ffn or None
     if args.retrain:
         changes["retrain"] = True
     config = dataclasses.replace(config, **changes)
+    if args.heads_only:
+        print(json.dumps(refit_heads(config), indent=2, default=str))
+        return
     result = train_second_stage(config, progress=not args.quiet)
     summary = {"folder": str(result.folder), "seconds": round(result.seconds, 1),
                "teacher_val_ndcg@10": (result.teacher.get("training") or {}).get("best_metric"),

@@ -223,6 +223,12 @@ class ItemTokenRanker:
         """The fitted hybrid head (a :class:`~ranking.blend.HybridBlend` as a dict), or ``None``."""
         return self.meta.get("hybrid_head")
 
+    @property
+    def head_m(self) -> int | None:
+        """The shortlist size the hybrid head was chosen for on validation (``None`` without a head)."""
+        head = self.hybrid_head
+        return int(head["report"]["m"]) if head and "m" in head.get("report", {}) else None
+
     def set_hybrid_head(self, blend: Any) -> ItemTokenRanker:
         """Carry ``blend`` (a fitted :class:`~ranking.blend.HybridBlend`, or ``None`` to drop it) in the
         manifest, so the recommender serves it with this ranker."""

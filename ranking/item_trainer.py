@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -269,55 +270,102 @@ def train_item_ranker(ranker: ItemTokenRanker, split: Split, retriever: Any, con
     return record
 
 
-def student_from(teacher: ItemTokenRanker, layers: tuple[int, ...]) -> ItemTokenRanker:
+def student_from(teacher: ItemTokenRanker, layers: tuple[int, ...], ffn_width: int | None = None) -> ItemTokenRanker:
     """A student ranker: a copy of ``teacher`` (item inputs, embeddings, head) keeping only the encoder
-    layers ``layers`` (indexes into the teacher's), ready for :func:`distill_item_ranker`."""
+    layers ``layers`` (indexes into the teacher's), each with its feed-forward block pruned to ``ffn_width``
+    neurons (default: unpruned), the ones with the largest ``|w_in| * |w_out|``
+    (:func:`ranking.student.ffn_keep`, the title students' rule); ready for :func:`distill_item_ranker`."""
+    from ranking.student import ffn_keep
+
     count = len(teacher.model.bert.encoder.layer)
     if not layers or any(not 0 <= i < count for i in layers) or list(layers) != sorted(set(layers)):
         raise ConfigError(f"layers must be distinct increasing indexes in [0, {count}), got {list(layers)}")
+    width = int(teacher.encoder_config.get("intermediate_size", teacher.model.bert.config.intermediate_size))
+    ffn_width = width if ffn_width is None else ffn_width
+    if isinstance(ffn_width, bool) or not isinstance(ffn_width, int) or not 1 <= ffn_width <= width:
+        raise ConfigError(f"ffn_width must be an integer in [1, {width}] (the teacher's), got {ffn_width!r}")
     model = copy.deepcopy(teacher.model)
     model.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[i] for i in layers])
     model.bert.config.num_hidden_layers = len(layers)
-    encoder_config = {**teacher.encoder_config, "num_hidden_layers": len(layers)}
-    config = teacher.config
-    import dataclasses
-
-    config = dataclasses.replace(config, layers=len(layers))
-    meta = {"teacher_layers": list(layers)}
+    if ffn_width < width:
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                keep = ffn_keep(layer.intermediate.dense.weight, layer.output.dense.weight, ffn_width)
+                inner, outer = layer.intermediate.dense, layer.output.dense
+                pruned_in = torch.nn.Linear(inner.in_features, ffn_width)
+                pruned_in.weight.copy_(inner.weight[keep])
+                pruned_in.bias.copy_(inner.bias[keep])
+                pruned_out = torch.nn.Linear(ffn_width, outer.out_features)
+                pruned_out.weight.copy_(outer.weight[:, keep])
+                pruned_out.bias.copy_(outer.bias)
+                layer.intermediate.dense, layer.output.dense = pruned_in, pruned_out
+        model.bert.config.intermediate_size = ffn_width
+    encoder_config = {**teacher.encoder_config, "num_hidden_layers": len(layers), "intermediate_size": ffn_width}
+    config = dataclasses.replace(teacher.config, layers=len(layers), ffn=ffn_width)
+    meta = {"teacher_layers": list(layers), "ffn_width": ffn_width}
     return ItemTokenRanker(model, teacher.items, config, encoder_config=encoder_config,
                            genre_names=teacher.genre_names, meta=meta)
 
 
 def distill_item_ranker(teacher: ItemTokenRanker, split: Split, retriever: Any, layers: tuple[int, ...],
-                        config: ItemTrainerConfig | None = None, *, teacher_name: str = "teacher"
-                        ) -> tuple[ItemTokenRanker, ItemTrainingLog]:
-    """A student with the teacher's ``layers``, trained on the teacher's scores plus the ground truth over
-    the same lists (``config.distill_weight``, ``distill_temperature``); the best validation NDCG@10 is kept."""
-    student = student_from(teacher, layers)
+                        config: ItemTrainerConfig | None = None, *, teacher_name: str = "teacher",
+                        ffn_width: int | None = None) -> tuple[ItemTokenRanker, ItemTrainingLog]:
+    """A student with the teacher's ``layers`` (feed-forward blocks pruned to ``ffn_width``), trained on the
+    teacher's scores plus the ground truth over the same lists (``config.distill_weight``,
+    ``distill_temperature``); the best validation NDCG@10 is kept."""
+    student = student_from(teacher, layers, ffn_width)
     record = train_item_ranker(student, split, retriever, config, teacher=teacher, teacher_name=teacher_name)
-    student.meta["teacher"] = {"name": teacher_name, "layers": list(layers),
+    student.meta["teacher"] = {"name": teacher_name, "layers": list(layers), "ffn_width": student.config.ffn,
                                "teacher_val_ndcg@10": teacher.meta.get("training", {}).get("best_metric")}
     return student, record
 
 
-def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, m: int = 50,
+#: Shortlist sizes the hybrid head is fitted for; validation picks one (see :func:`fit_hybrid_head`).
+HEAD_MS = (20, 50, 100)
+
+
+def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: int | tuple[int, ...] = HEAD_MS,
                     blend_config: Any = None) -> Any:
-    """Fit the hybrid head on validation lists (the retriever's top ``m``, targets inside; the model never
-    trained on them) and set it on ``ranker`` when cross-validation says it beats the retrieval order
-    (otherwise the ranker carries a blend whose ``use_blend`` is False, so the retrieval order is served).
-    Returns the :class:`~ranking.blend.HybridBlend`."""
+    """Fit the hybrid head on validation lists and set it on ``ranker``; returns the chosen
+    :class:`~ranking.blend.HybridBlend`.
+
+    For each shortlist size M in ``ms`` a head is fitted on the retriever's top M of every validation target
+    (targets inside; the model never trained on them) and cross-validated against the retrieval order. The
+    served head is the one with the largest cross-validated gain among those that beat the retrieval order;
+    when none does, the ranker carries the M=50 (or first) head with ``use_blend`` False, and the recommender
+    serves the retrieval order without running the reranker. The chosen M is ``blend.report["m"]`` (the
+    depth the recommender reranks, :attr:`~ranking.item_ranker.ItemTokenRanker.head_m`); every M's
+    cross-validation is kept in ``blend.report["by_m"]``.
+    """
     from ranking.blend import HybridBlend
 
-    validation, retrieval_scores = validation_set(retriever, split, ranker.items, m)
-    scores = ranker.score_lists([ranker.items.external(h) for h in validation.histories],
-                                np.where(validation.candidates >= 0,
-                                         ranker.items.ids[np.maximum(validation.candidates, 0)], -1))
-    blend = HybridBlend(blend_config).fit(scores, retrieval_scores, validation.target_col,
-                                          n_users=validation.n_users)
-    blend.report["m"] = m
+    ms = (ms,) if isinstance(ms, int) else tuple(ms)
+    if not ms or any(m < 2 for m in ms):
+        raise ConfigError(f"fit_hybrid_head: ms must be shortlist sizes >= 2, got {ms!r}")
+    deepest, retrieval_scores = validation_set(retriever, split, ranker.items, max(ms))
+    histories = [ranker.items.external(h) for h in deepest.histories]
+    ids = np.where(deepest.candidates >= 0, ranker.items.ids[np.maximum(deepest.candidates, 0)], -1)
+    scores = ranker.score_lists(histories, ids)
+    heads, by_m = {}, {}
+    for m in ms:
+        inside = np.flatnonzero(deepest.target_col < m)
+        blend = HybridBlend(blend_config).fit(scores[inside, :m], retrieval_scores[inside, :m],
+                                              deepest.target_col[inside], n_users=deepest.n_users)
+        blend.report["m"] = m
+        heads[m] = blend
+        by_m[str(m)] = {k: blend.report[k] for k in ("cv_ndcg@10_blend", "cv_ndcg@10_retrieval", "lists",
+                                                     "use_blend")}
+    winners = [m for m in ms if heads[m].use_blend]
+    if winners:
+        chosen = max(winners, key=lambda m: heads[m].report["cv_ndcg@10_blend"] - heads[m].report[
+            "cv_ndcg@10_retrieval"])
+    else:
+        chosen = 50 if 50 in heads else ms[0]
+    blend = heads[chosen]
+    blend.report["by_m"] = by_m
     ranker.set_hybrid_head(blend)
     return blend
 
 
-__all__ = ["ItemTrainingLog", "distill_item_ranker", "fit_hybrid_head", "model_scores", "stage_candidates",
+__all__ = ["HEAD_MS", "ItemTrainingLog", "distill_item_ranker", "fit_hybrid_head", "model_scores", "stage_candidates",
            "student_from", "train_item_ranker", "validation_set"]

@@ -181,17 +181,23 @@ def test_hybrid_head_travels_in_the_manifest_and_the_recommender_serves_it(train
     from ranking.item_trainer import fit_hybrid_head
 
     split, retriever, ranker, _ = trained
-    blend = fit_hybrid_head(ranker, retriever, split, m=12)
+    blend = fit_hybrid_head(ranker, retriever, split, (6, 12))
     assert blend.report["lists"] > 0 and ranker.hybrid_head["kind"] == "hybrid_blend"
+    by_m = blend.report["by_m"]
+    assert set(by_m) == {"6", "12"} and ranker.head_m == blend.report["m"] in (6, 12)
+    assert by_m["6"]["lists"] <= by_m["12"]["lists"]  # a deeper list holds at least as many targets
+    if blend.use_blend:  # the served M has the largest cross-validated gain among the winners
+        gains = {int(m): r["cv_ndcg@10_blend"] - r["cv_ndcg@10_retrieval"] for m, r in by_m.items() if r["use_blend"]}
+        assert ranker.head_m == max(gains, key=gains.get)
     loaded = ItemTokenRanker.load(ranker.save(tmp_path / "r"))
-    assert HybridBlend.from_dict(loaded.hybrid_head).use_blend == blend.use_blend
+    assert HybridBlend.from_dict(loaded.hybrid_head).use_blend == blend.use_blend and loaded.head_m == ranker.head_m
     test_retriever = retriever.set_history(split.history("test"))
     rec = Recommender(test_retriever, loaded)
-    assert rec.blend is not None
+    assert rec.blend is not None and rec.head_m == ranker.head_m
     out = rec.recommend(0, k=5, budget_ms=10_000)
     assert len(out.items) == 5
     if blend.use_blend:
-        assert out.path == "reranked" and rec.rerank_pays
+        assert out.path == "reranked" and rec.rerank_pays and out.reranked_m <= ranker.head_m
     # a head that lost in cross-validation: the reranker is not run at all
     lost = HybridBlend.from_dict({**blend.to_dict(), "use_blend": False})
     rec = Recommender(test_retriever, loaded, blend=lost)
@@ -259,3 +265,27 @@ def test_minilm_encoder_keeps_its_first_layers_and_trains_with_lora(trained):
     log = train_item_ranker(ranker, split, retriever, config)
     assert log.peft == "lora" and log.trainable_parameters < 0.5 * sum(p.numel() for p in ranker.model.parameters())
     assert any(not torch.equal(p, before[n]) for n, p in ranker.model.bert.encoder.named_parameters())
+
+
+def test_a_pruned_student_drops_only_neurons_that_do_not_matter(trained, tmp_path):
+    """Known answer: neurons whose output weights are zero change nothing, so pruning exactly them keeps
+    every score; the pruned student saves and loads at its new width."""
+    import copy
+
+    from ranking.item_trainer import student_from
+
+    _, _, ranker, _ = trained
+    teacher = copy.copy(ranker)
+    teacher.model = copy.deepcopy(ranker.model)
+    teacher.backend = type(ranker.backend)(teacher.model)
+    with torch.no_grad():
+        for layer in teacher.model.bert.encoder.layer:
+            layer.output.dense.weight[:, 1::2] = 0.0  # every odd neuron is dead
+    history, candidates = ranker.items.ids[:5], ranker.items.ids[6:14]
+    student = student_from(teacher, (0, 1), ffn_width=16)
+    assert student.config.ffn == 16 and student.model.bert.encoder.layer[0].intermediate.dense.out_features == 16
+    np.testing.assert_allclose(student.score(history, candidates), teacher.score(history, candidates), atol=1e-5)
+    loaded = ItemTokenRanker.load(student.save(tmp_path / "pruned"))
+    np.testing.assert_array_equal(loaded.score(history, candidates), student.score(history, candidates))
+    with pytest.raises(ConfigError, match="ffn_width"):
+        student_from(teacher, (0, 1), ffn_width=64)
