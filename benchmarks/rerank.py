@@ -11,11 +11,12 @@ defaults, which takes far longer than this benchmark's 20 minutes), and reports,
 
 * ``retrieval only``: the two-tower's order;
 * ``<ranker> alone top-M`` for M in {20, 50, 100}: the top M reordered by the ranker's score alone;
-* ``<ranker> + hybrid head top-50``: the ranker's score blended with the retrieval score and rank by the
-  head fitted on validation (kept only if it beat the retrieval order in cross-validation there);
+* ``<ranker> + hybrid head top-M``: the ranker's score blended with the retrieval score and rank by the
+  head fitted on validation, at the shortlist size M that validation chose for it among {20, 50, 100}
+  (a head that beat the retrieval order at no M is marked "lost on validation": retrieval order);
 * ``two-stage (served)``: what :meth:`pipeline.recommender.Recommender.recommend` returns for each case's
-  history with the served student on ``--serve-backend`` (hybrid head, M=50, filtering and fallback rules
-  included), with a generous budget so no case degrades for lack of time (the degraded count is reported);
+  history with the served student on ``--serve-backend`` (its hybrid head at its M, filtering and fallback
+  rules included), with a generous budget so no case degrades for lack of time (the degraded count is reported);
 
 with NDCG@10, Recall@10 and MRR@10 (full catalogue, the case's history masked), their 95% bootstrap
 intervals, and ``dNDCG@10`` against retrieval with its paired interval (``dNDCG@10_ci``). Under ``last-n``
@@ -24,7 +25,8 @@ teacher (fp32) and the served student on fp32 and ``--serve-backend``, plus any 
 given with ``--title``; each ranker's validation NDCG@10 alone at M=50 (``val_NDCG@10``, what picks the
 default variant) is reported beside its test row. Latency (p50/p99 ms per request at M=50, candidate ids to sorted scores, inputs
 included, history cache cold) is measured on ``--latency-cases`` random test cases at ``--threads``
-threads, and for the served row end to end (retrieval, filter, rerank, blend). LlamaRec's paper rows are
+threads (``meta.latency_M100`` at M=100), and for the served row end to end (retrieval, filter, rerank,
+blend) under ``--budget-ms``. LlamaRec's paper rows are
 listed for reference (leave-one-out only). Writes ``benchmarks/results/rerank.json``.
 """
 

@@ -55,7 +55,7 @@ class SecondStageConfig(JsonConfig):
         trainer: the teacher's training.
         student_layers: teacher layers the student keeps; empty skips distillation.
         student_ffn: feed-forward width of the student's layers (pruned from the teacher's, most important
-            neurons kept); ``None`` keeps the teacher's width.
+            neurons kept); ``None``, or a width at or above the teacher's, keeps the teacher's width.
         student_trainer: the student's training (distillation).
         hybrid_ms: shortlist sizes the hybrid heads are fitted for; validation picks one per ranker
             (:func:`ranking.item_trainer.fit_hybrid_head`).
@@ -150,7 +150,7 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
                                               progress=config.student_trainer.progress and progress)
         student, record = distill_item_ranker(teacher, split, candidates, tuple(config.student_layers),
                                               student_trainer, teacher_name=str(folder / TEACHER_DIR),
-                                              ffn_width=config.student_ffn)
+                                              ffn_width=student_width(teacher, config.student_ffn))
         fit_hybrid_head(student, serving, split, config.hybrid_ms)
         student.meta["retriever"] = teacher.meta.get("retriever")
         student.meta["serving_retriever"] = teacher.meta["serving_retriever"]
@@ -174,6 +174,11 @@ def train_second_stage(config: SecondStageConfig | None = None, *, raw: Any = No
     retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR,
                                     threads=config.trainer.threads)
     return fit_stage(split, raw.items, retriever, folder, config, progress=progress)
+
+
+def student_width(teacher: Any, wanted: int | None) -> int | None:
+    """The student's feed-forward width: ``wanted`` when it prunes the teacher's, else ``None`` (unpruned)."""
+    return wanted if wanted is not None and wanted < teacher.config.ffn else None
 
 
 def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``shortlist serve``: load the recommender, set the threads, run the HTTP service with uvicorn.
 
-    shortlist serve --artifacts artifacts --ranker artifacts/rerank/student-2l --host 127.0.0.1 --port 8000
+    shortlist serve --artifacts artifacts --ranker auto --host 127.0.0.1 --port 8000
 
 **Threads on 2 cores**: one uvicorn worker (one process, one event loop); request handlers run retrieval
 (the query tower and FAISS) in the server's thread pool with ``--threads`` torch threads and one FAISS
@@ -20,6 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from data.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` options (shared by ``shortlist serve`` and ``python -m pipeline.serve``)."""
     parser.add_argument("--artifacts", "--artifact", dest="artifacts", default="artifacts",
                         help="pipeline artifact root (uses LATEST), a version folder, or a saved retriever folder")
-    parser.add_argument("--ranker", default=None, help="a saved cross-encoder folder (none: retrieval order only)")
+    parser.add_argument("--ranker", default=None, metavar="auto|DIR",
+                        help="a saved ranker folder, or auto: the student `shortlist train-ranker` wrote for the "
+                             "artifact (none: retrieval order only)")
     parser.add_argument("--blend", default=None, help="a HybridBlend JSON file (cross-encoder + retrieval score)")
     parser.add_argument("--latency", default=None,
                         help="a saved latency model (default: calibrated at start-up)")
@@ -104,7 +108,15 @@ def build_app(args: argparse.Namespace) -> Any:
     from pipeline.service import create_app
 
     rec_config, svc_config = configs_from_args(args)
-    recommender = Recommender.load(args.artifacts, args.ranker, blend=args.blend, latency=args.latency,
+    ranker = args.ranker
+    if ranker == "auto":
+        from pipeline.evaluate import resolve_ranker
+
+        ranker = resolve_ranker("auto", args.artifacts)
+        if ranker is None:
+            raise ArtifactError(f"--ranker auto: no ranker trained for {args.artifacts}; run `shortlist "
+                                "train-ranker --artifacts ...` first, or serve without --ranker")
+    recommender = Recommender.load(args.artifacts, ranker, blend=args.blend, latency=args.latency,
                                    config=rec_config, backend=args.backend)
     recommender.set_threads(max(1, args.threads))
     return create_app(recommender, svc_config)

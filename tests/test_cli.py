@@ -8,6 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 
+from data.errors import ArtifactError
 from pipeline.cli import main
 
 
@@ -111,7 +112,9 @@ def test_train_ranker_writes_teacher_and_student_beside_the_artifact(trained, wi
     assert folder.parent.name == "rankers" and folder == with_ranker.folder
     teacher = ItemTokenRanker.load(folder / "item-teacher")
     student = ItemTokenRanker.load(folder / "item-student")
-    assert teacher.hybrid_head and student.hybrid_head and student.config.layers == 1
+    assert teacher.hybrid_head and student.hybrid_head
+    # the default student keeps the teacher's 2 layers; its FFN (128 by default) cannot be wider than the teacher's 32
+    assert student.config.layers == 2 and student.config.ffn == 32 == teacher.config.ffn
     assert teacher.meta["serving_retriever"] == "als"
     # the artifact's own folder is untouched (its checksums still verify)
     assert main(["recommend", "--user", "1", "--k", "3", "--artifacts", str(trained)]) == 0
@@ -124,3 +127,23 @@ def test_evaluate_and_recommend_with_the_ranker(trained, with_ranker, ml_path, c
     assert main(["recommend", "--user", "1", "--k", "5", "--artifacts", str(trained), "--ranker", "auto"]) == 0
     out = capsys.readouterr().out
     assert "Retrieval order" in out and "Served list" in out and "per-stage latency" in out and "(19" in out
+
+
+def test_serve_resolves_ranker_auto_and_refuses_it_without_a_ranker(trained, with_ranker, tmp_path):
+    import argparse
+
+    from pipeline.serve import add_arguments, build_app
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    from fastapi.testclient import TestClient
+
+    app = build_app(parser.parse_args(["--artifacts", str(trained), "--ranker", "auto", "--no-warm-up"]))
+    with TestClient(app) as client:
+        assert app.state.shortlist.ready.wait(30)
+        assert client.get("/readyz").status_code == 200
+        body = client.post("/rerank", json={"history": [1, 50, 260], "candidates": [2571, 1, 50], "top_n": 2})
+        assert body.status_code == 200 and len(body.json()["results"]) == 2  # a ranker is loaded
+    bare = shutil.copytree(trained, tmp_path / "bare", ignore=shutil.ignore_patterns("rankers"))
+    with pytest.raises(ArtifactError, match="train-ranker"):
+        build_app(parser.parse_args(["--artifacts", str(bare), "--ranker", "auto"]))
