@@ -75,12 +75,14 @@ def _train_ranker(args: argparse.Namespace) -> int:
                      "lists/s": round(training.get("lists_per_s", 0.0), 1),
                      "val NDCG@10 alone": training.get("best_metric"),
                      "val NDCG@10 retrieval": training.get("retrieval_metric"),
-                     "hybrid head CV NDCG@10": head.get("cv_ndcg@10_blend"),
+                     "hybrid head M": head.get("m"), "hybrid head CV NDCG@10": head.get("cv_ndcg@10_blend"),
                      "hybrid head used": head.get("use_blend"), "folder": part["folder"]})
-    print("\n## Second stage: item-token reranker (validation, top-50 of the artifact's retriever)\n")
+    print("\n## Second stage: item-token reranker (validation; alone: top-50 of the artifact's retriever)\n")
     print(markdown_table(rows, list(rows[0])))
     print("\nThe hybrid head is served only where it beat the retrieval order in cross-validation on the "
           "validation users;\nelse the recommender keeps the retrieval order and skips the reranker.")
+    if result.served:
+        print(f"Served ranker (chosen on validation): {result.served['served']}: {result.served['reason']}")
     print(f"\nTrained in {result.seconds:.0f} s (a short demo budget; the benchmark's models train for an hour: "
           "python -m pipeline.second_stage)")
     return 0

@@ -34,16 +34,16 @@ def evaluate_artifact(artifacts: str | Path = "artifacts", data_path: str | None
 
 
 def resolve_ranker(ranker: str | Path | None, artifacts: str | Path = "artifacts") -> Path | None:
-    """``None`` -> ``None``; ``"auto"`` -> the served student of ``artifacts``' LATEST version (what
-    ``shortlist train-ranker`` wrote; ``None`` when there is none); anything else is taken as a folder."""
+    """``None`` -> ``None``; ``"auto"`` -> the served ranker of ``artifacts``' LATEST version (what
+    ``shortlist train-ranker`` wrote and chose on validation, :func:`pipeline.second_stage.choose_served`;
+    ``None`` when there is none); anything else is taken as a folder."""
     if ranker is None:
         return None
     if str(ranker) != "auto":
         return Path(ranker)
-    from pipeline.second_stage import STUDENT_DIR, ranker_folder
+    from pipeline.second_stage import ranker_folder, served_ranker
 
-    folder = ranker_folder(artifacts) / STUDENT_DIR
-    return folder if (folder / "manifest.json").is_file() else None
+    return served_ranker(ranker_folder(artifacts))
 
 
 def evaluate_two_stage(artifacts: str | Path = "artifacts", ranker: str | Path = "auto", *,

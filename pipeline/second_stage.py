@@ -1,17 +1,19 @@
 """Training the second stage end to end: the item-token teacher, its distilled student and their hybrid
 heads, on a split under a protocol, with the candidates of the cached first-stage retriever.
 
-    python -m pipeline.second_stage [--protocol leave_one_out|last_n] [--steps 14000] [--student-steps 2000]
-                                    [--student-layers 1] [--hard-horizon 30] [--out artifacts/rerank]
-                                    [--threads 2] [--heads-only]
+    python -m pipeline.second_stage [--protocol leave_one_out|last_n] [--steps 14000] [--student-steps 1500]
+                                    [--student-layers 0 1] [--student-ffn 128] [--hard-horizon 30]
+                                    [--out artifacts/rerank] [--threads 2] [--heads-only]
 
 writes, under ``OUT/<protocol>/``:
 
 * ``retriever-two_tower/``: the candidate retriever fitted on the training events (reused while its data
   fingerprint matches; :func:`pipeline.stages.candidate_retriever`);
 * ``item-teacher/``: the item-token reranker trained on every training position, with its hybrid head;
-* ``item-student/``: the student distilled from it (a subset of its layers), with its own hybrid head; the
-  recommender serves it (int8 or fp32, see ``benchmarks.rerank``).
+* ``item-student/``: the student distilled from it (a subset of its layers, feed-forward blocks pruned),
+  with its own hybrid head;
+* ``served.json``: which of the two the recommender serves, chosen on validation (:func:`choose_served`:
+  the student when it keeps ``student_keep`` of the teacher's validation gain, else the teacher).
 
 The same as a function: :func:`train_second_stage`. A saved teacher whose training data and config match
 is loaded instead of retrained (``retrain=True`` forces it).
@@ -30,12 +32,15 @@ from typing import Any
 
 from data.config import JsonConfig, require
 from data.errors import ArtifactError, ConfigError
+from data.io import atomic_write_json
 from data.protocol import PROTOCOLS
 from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
 
 log = logging.getLogger(__name__)
 
 TEACHER_DIR, STUDENT_DIR, RETRIEVER_DIR, RANKERS_DIR = "item-teacher", "item-student", "retriever-two_tower", "rankers"
+#: Names the ranker folder the recommender serves (:func:`choose_served`).
+SERVED_FILE = "served.json"
 #: The demo's short training (``shortlist train-ranker`` defaults): minutes on 2 cores, not the benchmark's hour.
 DEMO_TRAINER = ItemTrainerConfig(max_steps=600, eval_every=150, warmup_steps=50)
 DEMO_STUDENT = ItemTrainerConfig(max_steps=200, eval_every=100, learning_rate=1e-3, warmup_steps=20)
@@ -59,6 +64,9 @@ class SecondStageConfig(JsonConfig):
         student_trainer: the student's training (distillation).
         hybrid_ms: shortlist sizes the hybrid heads are fitted for; validation picks one per ranker
             (:func:`ranking.item_trainer.fit_hybrid_head`).
+        student_keep: share of the teacher's cross-validated gain over the retrieval order (on validation)
+            the student must keep to be the served ranker; otherwise the teacher is served
+            (:func:`choose_served`, written to ``SERVED_FILE``).
         out: root folder; everything goes under ``out/<protocol>/``.
         retrain: train even when a saved teacher matches.
     """
@@ -75,6 +83,7 @@ class SecondStageConfig(JsonConfig):
     student_trainer: ItemTrainerConfig = field(
         default_factory=lambda: ItemTrainerConfig(max_steps=1500, learning_rate=1e-3, warmup_steps=50))
     hybrid_ms: tuple[int, ...] = (20, 50, 100)
+    student_keep: float = 0.8
     out: str = "artifacts/rerank"
     retrain: bool = False
 
@@ -82,6 +91,7 @@ class SecondStageConfig(JsonConfig):
         require(self.protocol in PROTOCOLS, f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
         require(self.n >= 1 and len(self.hybrid_ms) > 0 and min(self.hybrid_ms) >= 2,
                 "n must be >= 1 and hybrid_ms non-empty shortlist sizes >= 2")
+        require(0.0 <= self.student_keep <= 1.0, f"student_keep must be in [0, 1], got {self.student_keep!r}")
 
 
 @dataclass
@@ -92,6 +102,7 @@ class SecondStageResult:
     teacher: dict[str, Any]
     student: dict[str, Any] | None
     seconds: float
+    served: dict[str, Any] | None = None
 
 
 def _matches(folder: Path, split: Any, config: SecondStageConfig) -> Any:
@@ -157,7 +168,10 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
         student.save(folder / STUDENT_DIR)
         student_out = {"folder": str(folder / STUDENT_DIR), "training": record.to_dict(),
                        "hybrid_head": student.hybrid_head}
-    return SecondStageResult(folder, out, student_out, time.perf_counter() - started)
+    served = choose_served(teacher, student if config.student_layers else None, config.student_keep)
+    atomic_write_json(folder / SERVED_FILE, served)
+    log.info("served ranker: %s (%s)", served["served"], served["reason"])
+    return SecondStageResult(folder, out, student_out, time.perf_counter() - started, served)
 
 
 def train_second_stage(config: SecondStageConfig | None = None, *, raw: Any = None,
@@ -176,6 +190,55 @@ def train_second_stage(config: SecondStageConfig | None = None, *, raw: Any = No
     return fit_stage(split, raw.items, retriever, folder, config, progress=progress)
 
 
+def head_gain(ranker: Any) -> float:
+    """The cross-validated NDCG@10 gain of ``ranker``'s hybrid head over the retrieval order on validation
+    (0 when it has no head or its head lost there: the retrieval order is then served)."""
+    head = getattr(ranker, "hybrid_head", None) or {}
+    report = head.get("report") or {}
+    if not head.get("use_blend") or "cv_ndcg@10_blend" not in report:
+        return 0.0
+    return float(report["cv_ndcg@10_blend"] - report["cv_ndcg@10_retrieval"])
+
+
+def choose_served(teacher: Any, student: Any | None, keep: float = 0.8) -> dict[str, Any]:
+    """Which ranker the recommender serves, decided on validation: the student when it keeps at least
+    ``keep`` of the teacher's cross-validated gain over the retrieval order (or the teacher gains nothing),
+    else the teacher. Returns ``{"served": folder name, "reason", "teacher_gain", "student_gain", "keep"}``."""
+    t_gain = head_gain(teacher)
+    if student is None:
+        return {"served": TEACHER_DIR, "reason": "no student", "teacher_gain": t_gain, "student_gain": None,
+                "keep": keep}
+    s_gain = head_gain(student)
+    if t_gain <= 0 or s_gain >= keep * t_gain:
+        reason = (f"the student keeps {s_gain / t_gain:.0%} of the teacher's validation gain (>= {keep:.0%})"
+                  if t_gain > 0 else "the teacher's head does not beat the retrieval order on validation")
+        return {"served": STUDENT_DIR, "reason": reason, "teacher_gain": t_gain, "student_gain": s_gain,
+                "keep": keep}
+    return {"served": TEACHER_DIR, "teacher_gain": t_gain, "student_gain": s_gain, "keep": keep,
+            "reason": f"the student keeps only {max(s_gain, 0.0) / t_gain:.0%} of the teacher's validation gain "
+                      f"(< {keep:.0%})"}
+
+
+def served_ranker(folder: str | Path) -> Path | None:
+    """The ranker folder :func:`choose_served` picked under ``folder`` (the student when no choice was
+    written, e.g. by an older version), or ``None`` when there is neither."""
+    folder = Path(folder)
+    name = STUDENT_DIR
+    if (folder / SERVED_FILE).is_file():
+        try:
+            name = json.loads((folder / SERVED_FILE).read_text()).get("served", STUDENT_DIR)
+        except (ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{folder / SERVED_FILE}: not a JSON object ({exc}); rerun the second stage or "
+                                "delete the file") from exc
+        if name not in (TEACHER_DIR, STUDENT_DIR):
+            raise ArtifactError(f"{folder / SERVED_FILE}: 'served' must be {TEACHER_DIR!r} or {STUDENT_DIR!r}, "
+                                f"got {name!r}; rerun the second stage")
+    for candidate in (name, STUDENT_DIR, TEACHER_DIR):
+        if (folder / candidate / "manifest.json").is_file():
+            return folder / candidate
+    return None
+
+
 def student_width(teacher: Any, wanted: int | None) -> int | None:
     """The student's feed-forward width: ``wanted`` when it prunes the teacher's, else ``None`` (unpruned)."""
     return wanted if wanted is not None and wanted < teacher.config.ffn else None
@@ -183,8 +246,8 @@ def student_width(teacher: Any, wanted: int | None) -> int | None:
 
 def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> dict[str, Any]:
     """Refit the hybrid heads of the saved teacher and student of ``config.protocol`` on validation (the
-    current :func:`ranking.item_trainer.fit_hybrid_head` rule and ``config.hybrid_ms``) and save them; the
-    weights are not touched. Returns each head's report."""
+    current :func:`ranking.item_trainer.fit_hybrid_head` rule and ``config.hybrid_ms``), save them and choose
+    the served one again; the weights are not touched. Returns each head's report and the choice."""
     from pipeline.stages import candidate_retriever, protocol_split
     from pipeline.train import load_dataset
     from ranking.item_ranker import ItemTokenRanker
@@ -195,7 +258,7 @@ def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> 
     split = protocol_split(raw, config.protocol, config.n)
     folder = Path(config.out) / config.protocol
     retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR)
-    reports = {}
+    reports, rankers = {}, {}
     for name in (TEACHER_DIR, STUDENT_DIR):
         if not (folder / name / "manifest.json").is_file():
             continue
@@ -205,6 +268,10 @@ def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> 
                                 "pipeline.second_stage --retrain)")
         reports[name] = fit_hybrid_head(ranker, retriever, split, config.hybrid_ms).report
         ranker.save(folder / name)
+        rankers[name] = ranker
+    if TEACHER_DIR in rankers:
+        reports["served"] = choose_served(rankers[TEACHER_DIR], rankers.get(STUDENT_DIR), config.student_keep)
+        atomic_write_json(folder / SERVED_FILE, reports["served"])
     return reports
 
 

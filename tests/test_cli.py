@@ -116,6 +116,11 @@ def test_train_ranker_writes_teacher_and_student_beside_the_artifact(trained, wi
     # the default student keeps the teacher's 2 layers; its FFN (128 by default) cannot be wider than the teacher's 32
     assert student.config.layers == 2 and student.config.ffn == 32 == teacher.config.ffn
     assert teacher.meta["serving_retriever"] == "als"
+    served = json.loads((folder / "served.json").read_text())
+    assert served["served"] in ("item-teacher", "item-student") and with_ranker.served == served
+    from pipeline.evaluate import resolve_ranker
+
+    assert resolve_ranker("auto", trained) == folder / served["served"]
     # the artifact's own folder is untouched (its checksums still verify)
     assert main(["recommend", "--user", "1", "--k", "3", "--artifacts", str(trained)]) == 0
 
@@ -147,3 +152,30 @@ def test_serve_resolves_ranker_auto_and_refuses_it_without_a_ranker(trained, wit
     bare = shutil.copytree(trained, tmp_path / "bare", ignore=shutil.ignore_patterns("rankers"))
     with pytest.raises(ArtifactError, match="train-ranker"):
         build_app(parser.parse_args(["--artifacts", str(bare), "--ranker", "auto"]))
+
+
+def test_the_served_ranker_is_chosen_on_validation(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.second_stage import SERVED_FILE, STUDENT_DIR, TEACHER_DIR, choose_served, served_ranker
+
+    def ranker(gain: float, use: bool = True) -> SimpleNamespace:
+        report = {"cv_ndcg@10_blend": 0.08 + gain, "cv_ndcg@10_retrieval": 0.08}
+        return SimpleNamespace(hybrid_head={"use_blend": use, "report": report})
+
+    assert choose_served(ranker(0.010), ranker(0.009), 0.8)["served"] == STUDENT_DIR  # keeps 90%
+    lost = choose_served(ranker(0.010), ranker(0.007), 0.8)
+    assert lost["served"] == TEACHER_DIR and "70%" in lost["reason"]
+    # a head that lost on validation counts as no gain: the faster student is served (neither reranks)
+    assert choose_served(ranker(0.010, use=False), ranker(0.0, use=False))["served"] == STUDENT_DIR
+    assert choose_served(ranker(0.010), None)["served"] == TEACHER_DIR
+    # reading the choice back: missing file -> the student; a bad name is refused with the fix
+    for name in (TEACHER_DIR, STUDENT_DIR):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    assert served_ranker(tmp_path) == tmp_path / STUDENT_DIR
+    (tmp_path / SERVED_FILE).write_text(json.dumps({"served": TEACHER_DIR}))
+    assert served_ranker(tmp_path) == tmp_path / TEACHER_DIR
+    (tmp_path / SERVED_FILE).write_text(json.dumps({"served": "../elsewhere"}))
+    with pytest.raises(ArtifactError, match="rerun the second stage"):
+        served_ranker(tmp_path)
