@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rerank with this ranker and show the list before and after (auto: train-ranker's student)")
     p.add_argument("--backend", default="torch", help="the ranker's backend (torch, torch-int8)")
     p.add_argument("--budget-ms", type=float, default=50.0)
-    p.add_argument("--max-m", type=int, default=50, help="most candidates reranked")
+    p.add_argument("--max-m", type=int, default=100,
+                   help="most candidates reranked (a hybrid head caps it at the depth chosen on validation)")
     p.add_argument("--threads", type=int, default=1, help="serving threads")
     artifacts_arg(p)
     p.set_defaults(func=_recommend)

@@ -47,7 +47,7 @@ def resolve_ranker(ranker: str | Path | None, artifacts: str | Path = "artifacts
 
 
 def evaluate_two_stage(artifacts: str | Path = "artifacts", ranker: str | Path = "auto", *,
-                       data_path: str | None = None, max_m: int = 50, budget_ms: float = 1000.0,
+                       data_path: str | None = None, max_m: int = 100, budget_ms: float = 1000.0,
                        backend: str = "torch", seed: int = 0) -> dict:
     """Retrieval alone against the served two-stage list on the artifact's test split, on the same users.
 
