@@ -35,6 +35,7 @@ from data.errors import ArtifactError, ConfigError
 from data.io import atomic_write_json
 from data.protocol import PROTOCOLS
 from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
+from retrieval.two_tower import TwoTowerConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class SecondStageConfig(JsonConfig):
         protocol: ``"leave_one_out"`` (LlamaRec's) or ``"last_n"``.
         n: test cases per user under ``last_n``.
         retriever: the candidate retriever (``"two_tower"``).
+        two_tower: the candidate two-tower's config (``None``: :class:`~retrieval.two_tower.TwoTowerConfig`'s
+            defaults); a saved retriever is reused only when its config matches.
         model: the teacher's config.
         trainer: the teacher's training.
         student_layers: teacher layers the student keeps; empty skips distillation.
@@ -76,6 +79,7 @@ class SecondStageConfig(JsonConfig):
     protocol: str = "leave_one_out"
     n: int = 5
     retriever: str = "two_tower"
+    two_tower: TwoTowerConfig | None = None
     model: ItemTokenConfig = field(default_factory=ItemTokenConfig)
     trainer: ItemTrainerConfig = field(default_factory=lambda: ItemTrainerConfig(max_steps=14000, eval_every=500))
     student_layers: tuple[int, ...] = (0, 1)
@@ -186,7 +190,7 @@ def train_second_stage(config: SecondStageConfig | None = None, *, raw: Any = No
     split = protocol_split(raw, config.protocol, config.n)
     folder = Path(config.out) / config.protocol
     retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR,
-                                    threads=config.trainer.threads)
+                                    threads=config.trainer.threads, config=config.two_tower)
     return fit_stage(split, raw.items, retriever, folder, config, progress=progress)
 
 
@@ -257,7 +261,7 @@ def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> 
     raw = raw if raw is not None else load_dataset(config.dataset, config.data_path)
     split = protocol_split(raw, config.protocol, config.n)
     folder = Path(config.out) / config.protocol
-    retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR)
+    retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR, config=config.two_tower)
     reports, rankers = {}, {}
     for name in (TEACHER_DIR, STUDENT_DIR):
         if not (folder / name / "manifest.json").is_file():
@@ -329,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="teacher layers the student keeps (none: no student)")
     parser.add_argument("--student-ffn", type=int, default=None,
                         help="feed-forward width of the student's layers (0: the teacher's)")
+    parser.add_argument("--retriever-loss", choices=("sampled_softmax", "full_softmax"), default=None,
+                        help="the candidate two-tower's loss (default: its config's)")
     parser.add_argument("--encoder", choices=("narrow", "minilm"), default=None,
                         help="narrow BERT from scratch, or MiniLM layers with LoRA")
     parser.add_argument("--layers", type=int, default=None, help="encoder layers")
@@ -377,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         changes["student_ffn"] = args.student_ffn or None
     if args.retrain:
         changes["retrain"] = True
+    if args.retriever_loss is not None:
+        changes["two_tower"] = dataclasses.replace(config.two_tower or TwoTowerConfig(), loss=args.retriever_loss)
     config = dataclasses.replace(config, **changes)
     if args.heads_only:
         print(json.dumps(refit_heads(config), indent=2, default=str))

@@ -179,3 +179,20 @@ def test_the_served_ranker_is_chosen_on_validation(tmp_path):
     (tmp_path / SERVED_FILE).write_text(json.dumps({"served": "../elsewhere"}))
     with pytest.raises(ArtifactError, match="rerun the second stage"):
         served_ranker(tmp_path)
+
+
+def test_second_stage_config_round_trips_and_validates():
+    from data.errors import ConfigError
+    from pipeline.second_stage import SecondStageConfig, main
+    from retrieval.two_tower import TwoTowerConfig
+
+    config = SecondStageConfig(protocol="last_n", two_tower=TwoTowerConfig(loss="full_softmax"),
+                               student_layers=(1,), student_ffn=None, hybrid_ms=(20, 100), student_keep=0.5)
+    assert SecondStageConfig.from_json(config.to_json()) == config
+    assert SecondStageConfig.from_json(SecondStageConfig().to_json()) == SecondStageConfig()
+    for bad in ({"protocol": "random"}, {"hybrid_ms": ()}, {"hybrid_ms": (1, 50)}, {"student_keep": 1.5}):
+        with pytest.raises(ConfigError):
+            SecondStageConfig(**bad)
+    # an unknown loss is refused by the flag parser (exit 2, naming the choices)
+    with pytest.raises(SystemExit):
+        main(["--retriever-loss", "hinge"])
