@@ -37,6 +37,7 @@ from data.vocab import IdVocab
 from ranking.backends import ScoringBackend, TorchBackend, make_backend
 from ranking.config import RankerConfig
 from ranking.encoder import CrossEncoder, encoder_from_config, load_base
+from ranking.history_cache import cached_history
 from ranking.inputs import candidate_batch, history_batch, length_buckets, pairwise_batch
 from ranking.scoring import score_lists
 from ranking.text import ItemTokens, SpecialTokens
@@ -209,21 +210,13 @@ class CrossEncoderRanker:
     def _state(self, history_ids: np.ndarray, key: Any) -> Any:
         """History keys/values from the LRU cache, computed when missing or when the history changed."""
         digest = hashlib.blake2b(history_ids.tobytes(), digest_size=16).digest()
-        capacity = self.config.kv_cache_users
-        if capacity:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] == digest:
-                self._cache.move_to_end(key)
-                self.cache_hits += 1
-                return hit[1]
-        self.cache_misses += 1
-        ids, mask = history_batch([history_ids], self.tokens.special.pad)
-        state = self.backend.encode_history(ids, mask)
-        if capacity:
-            self._cache[key] = (digest, state)
-            self._cache.move_to_end(key)
-            while len(self._cache) > capacity:
-                self._cache.popitem(last=False)
+        state, hit = cached_history(self._cache, self.config.kv_cache_users, key, digest,
+                                    lambda: self.backend.encode_history(*history_batch([history_ids],
+                                                                                       self.tokens.special.pad)))
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
         return state
 
     def clear_cache(self) -> None:

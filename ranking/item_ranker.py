@@ -43,6 +43,7 @@ from data.errors import ArtifactError, ConfigError, DataValidationError, Unknown
 from data.io import atomic_path, file_checksums, library_versions, read_manifest, write_manifest
 from data.vocab import IdVocab
 from ranking.backends import inference_scope
+from ranking.history_cache import cached_history
 from ranking.item_config import ItemTokenConfig
 from ranking.item_model import (
     ItemFeatureTable,
@@ -302,21 +303,12 @@ class ItemTokenRanker:
     def _state(self, rows: np.ndarray, key: Any) -> ItemHistoryState:
         kept = np.ascontiguousarray(rows[-self.config.max_history:], dtype=np.int64)
         digest = hashlib.blake2b(kept.tobytes(), digest_size=16).digest()
-        capacity = self.config.kv_cache_users
-        if capacity:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] == digest:
-                self._cache.move_to_end(key)
-                self.cache_hits += 1
-                return hit[1]
-        self.cache_misses += 1
-        h_rows, h_mask = history_tensor([kept], self.config.max_history)
-        state = self.backend.encode_history(h_rows, h_mask)
-        if capacity:
-            self._cache[key] = (digest, state)
-            self._cache.move_to_end(key)
-            while len(self._cache) > capacity:
-                self._cache.popitem(last=False)
+        state, hit = cached_history(self._cache, self.config.kv_cache_users, key, digest,
+                                    lambda: self.backend.encode_history(*history_tensor([kept], self.config.max_history)))
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
         return state
 
     def clear_cache(self) -> None:
