@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from pipeline.train import load_dataset, prepare_split
+    from data.movielens import load_movielens
+    from data.protocol import apply_filters, leave_one_out
 
     teacher = CrossEncoderRanker.load(args.teacher)
     config = DistillConfig.load(args.config) if args.config else DistillConfig()
@@ -449,8 +450,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.item_tokens or args.history_tokens:
         text = dataclasses.replace(text, item_tokens=args.item_tokens or text.item_tokens,
                                    history_tokens=args.history_tokens or text.history_tokens)
-    raw = load_dataset("ml-latest-small", args.data_path)
-    split = prepare_split(raw)
+    raw = load_movielens("ml-latest-small", args.data_path)
+    split = leave_one_out(apply_filters(raw))
     retriever = val_retriever(split, args.retriever)
     layers = parse_layers(args.layers, teacher_layers(teacher))
     student = make_student(teacher, layers, text, raw.items if text != teacher.config.text else None,

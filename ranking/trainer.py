@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluate before training, so early stopping can keep the starting weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from pipeline.train import load_dataset, prepare_split
+    from data.movielens import load_movielens
+    from data.protocol import apply_filters, leave_one_out
 
     config = TrainerConfig.load(args.config) if args.config else TrainerConfig()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("patience", args.patience),
@@ -376,8 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_at_start:
         overrides["eval_at_start"] = True
     config = TrainerConfig.from_dict({**config.to_dict(), **overrides})
-    raw = load_dataset("ml-latest-small", args.data_path)
-    split = prepare_split(raw)
+    raw = load_movielens("ml-latest-small", args.data_path)
+    split = leave_one_out(apply_filters(raw))
     retriever = fit_retriever(args.retriever, split, "val")
     start = None
     if args.init:
