@@ -198,7 +198,7 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         for backend, label in BACKENDS.items():
             rankers[f"{who} ({label})"] = stage[who].with_backend(backend, threads=args.threads)
     served_name = f"{stage['served']} ({BACKENDS[args.serve_backend]})"
-    served_ranker = rankers[served_name]
+    served_model = rankers[served_name]
     print(f"{protocol}: serving {served_name}: {stage['served_choice'].get('reason', 'no served.json')}")
     for folder in args.title or []:
         title = load_ranker(folder)
@@ -238,11 +238,11 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
             lists[f"{name} + hybrid head top-{head_m}{used}"] = (head_m, rerank_rows(ids, full, head_m))
 
     config = RecommenderConfig(max_m=max(MS), threads=args.threads, calibrate=False)  # the head's M caps it
-    recommender = Recommender(retriever, served_ranker, config=config)
+    recommender = Recommender(retriever, served_model, config=config)
     tick = time.perf_counter()
     served, served_info = served_lists(recommender, cases, 10, args.quality_budget_ms, not args.quiet)
     served_seconds = time.perf_counter() - tick
-    lists["two-stage (served)"] = (served_ranker.head_m or SERVED_M, served)
+    lists["two-stage (served)"] = (served_model.head_m or SERVED_M, served)
 
     reports = {name: evaluate_cases(ranked, cases, n_items, ks=(10,), seed=args.seed)
                for name, (_, ranked) in lists.items()}
@@ -255,7 +255,7 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
     latency = {name: rank_latency(r, lat_hist, ids[sample], SERVED_M) for name, r in rankers.items()}
     latency_m100 = {name: rank_latency(r, lat_hist, ids[sample], max(MS)) for name, r in rankers.items()}
     recommender.close()
-    online = Recommender(retriever, served_ranker, config=RecommenderConfig(max_m=max(MS), threads=args.threads))
+    online = Recommender(retriever, served_model, config=RecommenderConfig(max_m=max(MS), threads=args.threads))
     online.warm_up()  # the served path as it runs online: a calibrated latency model plans M within the budget
     served_timing = served_latency(online, lat_hist, args.budget_ms)
     online.close()

@@ -182,16 +182,23 @@ def train_second_stage(config: SecondStageConfig | None = None, *, raw: Any = No
                        progress: bool = True) -> SecondStageResult:
     """Train (or load) the teacher, fit its hybrid head, distil the student, on ``config.protocol``'s split
     with the cached two-tower's candidates; see the module docstring."""
+    config = config or SecondStageConfig()
+    raw, split, folder, retriever = _protocol_stage(config, raw)
+    return fit_stage(split, raw.items, retriever, folder, config, progress=progress)
+
+
+def _protocol_stage(config: SecondStageConfig, raw: Any = None) -> tuple[Any, Any, Path, Any]:
+    """``(raw events, split, OUT/<protocol> folder, candidate retriever)`` of ``config`` (the retriever
+    loaded from the folder while it matches, else fitted and saved there)."""
     from pipeline.stages import candidate_retriever, protocol_split
     from pipeline.train import load_dataset
 
-    config = config or SecondStageConfig()
     raw = raw if raw is not None else load_dataset(config.dataset, config.data_path)
     split = protocol_split(raw, config.protocol, config.n)
     folder = Path(config.out) / config.protocol
     retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR,
                                     threads=config.trainer.threads, config=config.two_tower)
-    return fit_stage(split, raw.items, retriever, folder, config, progress=progress)
+    return raw, split, folder, retriever
 
 
 def head_gain(ranker: Any) -> float:
@@ -252,16 +259,11 @@ def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> 
     """Refit the hybrid heads of the saved teacher and student of ``config.protocol`` on validation (the
     current :func:`ranking.item_trainer.fit_hybrid_head` rule and ``config.hybrid_ms``), save them and choose
     the served one again; the weights are not touched. Returns each head's report and the choice."""
-    from pipeline.stages import candidate_retriever, protocol_split
-    from pipeline.train import load_dataset
     from ranking.item_ranker import ItemTokenRanker
     from ranking.item_trainer import fit_hybrid_head
 
     config = config or SecondStageConfig()
-    raw = raw if raw is not None else load_dataset(config.dataset, config.data_path)
-    split = protocol_split(raw, config.protocol, config.n)
-    folder = Path(config.out) / config.protocol
-    retriever = candidate_retriever(split, config.retriever, folder / RETRIEVER_DIR, config=config.two_tower)
+    _, split, folder, retriever = _protocol_stage(config, raw)
     reports, rankers = {}, {}
     for name in (TEACHER_DIR, STUDENT_DIR):
         if not (folder / name / "manifest.json").is_file():
