@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.train import load_dataset, prepare_split
     from ranking.blend import HybridBlend
     from ranking.cross_encoder import CrossEncoderRanker
-    from ranking.data import fit_retriever, user_sequences
+    from ranking.data import stage_retriever, user_sequences
     from ranking.residual import base_offsets, residual_base
     from retrieval.item_features import default_cache_dir, encode_texts, item_rows_table
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     depth = max(args.M)
     retriever = val_retriever("two_tower", split, folder, threads=args.threads)
     stages = {"val": stage_lists(split, "val", retriever, depth),
-              "test": stage_lists(split, "test", fit_retriever("two_tower", split, "test", previous=retriever),
+              "test": stage_lists(split, "test", stage_retriever("two_tower", split, "test", previous=retriever),
                                   depth)}
     for stage, lists in stages.items():
         lists["rows"] = split.items.rows(lists["ids"].ravel(), missing="ignore").reshape(lists["ids"].shape)

@@ -415,7 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pipeline.train import load_dataset, prepare_split
-    from ranking.data import fit_retriever
+    from ranking.data import stage_retriever
 
     started = time.perf_counter()
     budget = Budget(args.budget_minutes)
@@ -445,7 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_seconds = time.perf_counter() - started
 
     # ---- the test stage: candidates, samples, histories ---------------------------------------------
-    test_retriever = fit_retriever(RETRIEVER, split, "test", previous=retriever)
+    test_retriever = stage_retriever(RETRIEVER, split, "test", previous=retriever)
     depth = max(args.M)
     test = stage_lists(split, "test", test_retriever, depth)
     history = split.history("test")

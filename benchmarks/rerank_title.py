@@ -81,10 +81,10 @@ def choose_retriever(name: str) -> str:
 
 def val_retriever(name: str, split: Split, folder: Path, threads: int | None = None) -> Any:
     """The retriever fitted on the training events; the two-tower one is cached in ``folder``."""
-    from ranking.data import fit_retriever
+    from ranking.data import stage_retriever
 
     if name != "two_tower":
-        return fit_retriever(name, split, "val")
+        return stage_retriever(name, split, "val")
     from retrieval.two_tower import TwoTowerRetriever
 
     path = folder / "retriever-two_tower"
@@ -96,7 +96,7 @@ def val_retriever(name: str, split: Split, folder: Path, threads: int | None = N
                 return model
         except ArtifactError as exc:
             log.warning("ignoring %s: %s", path, exc)
-    model = fit_retriever(name, split, "val", threads=threads)
+    model = stage_retriever(name, split, "val", threads=threads)
     model.save(path)
     return model
 
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from pipeline.train import load_dataset, prepare_split
     from ranking.blend import HybridBlend
-    from ranking.data import fit_retriever
+    from ranking.data import stage_retriever
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     chosen_m = max(MS, key=lambda m: blend_reports[m]["cv_ndcg@10_blend"] if blends[m].use_blend else -1.0)
 
     # ---- test stage --------------------------------------------------------------------------------
-    test_retriever = fit_retriever(retriever_name, split, "test",
+    test_retriever = stage_retriever(retriever_name, split, "test",
                                    previous=retriever if retriever_name == "two_tower" else None)
     test = stage_lists(split, "test", test_retriever, depth, args.limit_users)
     history = split.history("test")

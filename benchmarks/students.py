@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from pipeline.train import load_dataset, prepare_split
     from ranking.cross_encoder import CrossEncoderRanker
-    from ranking.data import fit_retriever
+    from ranking.data import stage_retriever
     from ranking.student import verify_student, weights_fingerprint
 
     started = time.perf_counter()
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.artifacts)
     split = prepare_split(load_dataset(DEFAULT_DATA, args.data_path))
     retriever = val_retriever("two_tower", split, folder, threads=args.threads)
-    test = stage_lists(split, "test", fit_retriever("two_tower", split, "test", previous=retriever), args.M)
+    test = stage_lists(split, "test", stage_retriever("two_tower", split, "test", previous=retriever), args.M)
     n_users = len(test["users"])
     sample = np.sort(np.random.default_rng(args.seed).permutation(n_users)[: args.users or n_users])
     scored = sample[test["hit"][sample].any(axis=1)]

@@ -86,7 +86,9 @@ def generate_candidates(
 ) -> BatchStats:
     """Write ``user_id, rank, item_id, score`` rows (rank 1 is best) for every user, atomically.
 
-    ``users`` defaults to every user the retriever knows; padding (-1) rows are dropped. With a ``ranker``
+    ``users`` defaults to every user the retriever knows; padding (-1) rows are dropped. Without a ranker
+    the lists are the retriever's served lists (what ``recommend`` returns); with one, its candidate lists
+    (:meth:`~retrieval.base.Retriever.for_candidates`). With a ``ranker``
     the top ``rerank_m`` of each list are reranked (:func:`rerank_lists`, with ``blend`` when given, else the
     ranker's own hybrid head when it carries one) using
     each user's history (``histories(user_id)``, default: the history the retriever holds), and the file
@@ -109,11 +111,13 @@ def generate_candidates(
             blend = HybridBlend.from_dict(ranker.hybrid_head)
         batch_size = min(batch_size, 64)
     m = min(int(rerank_m), k) if ranker is not None else 0
+    # with a reranker, its candidate list (a hybrid's fusion tuned for recall); else the served list
+    source = retriever.for_candidates() if ranker is not None else retriever
     started = time.perf_counter()
     parts = []
     for start in tqdm(range(0, users.size, batch_size), desc="candidates", unit="batch", disable=not progress):
         batch = users[start : start + batch_size]
-        ids, scores = retriever.retrieve(batch, k, exclude_seen=exclude_seen)
+        ids, scores = source.retrieve(batch, k, exclude_seen=exclude_seen)
         columns: dict[str, Any] = {}
         if ranker is not None:
             known = ranker.items

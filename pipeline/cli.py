@@ -1,6 +1,8 @@
 """``shortlist`` command line: a thin shell over the job functions.
 
     shortlist train      [--model hybrid|two_tower|als|bpr|popularity] [--dataset ml-latest-small] [--data-path DIR]
+                         [--interactions FILE [--items FILE] [--user-col C --item-col C --time-col C ...]]
+                         [--search-trials 4] [--search-budget 900]
     shortlist train-ranker [--steps 600] [--student-steps 200] [--artifacts artifacts]
     shortlist evaluate   [--artifacts artifacts] [--ranker auto|DIR]
     shortlist recommend  --user ID [--k 10] [--ranker auto|DIR]
@@ -31,9 +33,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.config:
         config = TrainConfig.load(args.config)
     else:
+        from data.datasets import FileColumns
+
+        columns = FileColumns(user=args.user_col, item=args.item_col, time=args.time_col, rating=args.rating_col,
+                              item_id=args.item_id_col, title=args.title_col, genres=args.genres_col,
+                              text=tuple(args.text_col), duplicates=args.duplicates)
         config = TrainConfig(
-            dataset=args.dataset, data_path=args.data_path, model=args.model, tune=not args.no_tune,
-            artifacts=args.artifacts, seed=args.seed, threads=args.threads,
+            dataset=args.dataset, data_path=args.data_path, interactions=args.interactions, items=args.items,
+            columns=columns, model=args.model, tune=not args.no_tune, search_trials=args.search_trials,
+            search_budget_s=args.search_budget, artifacts=args.artifacts, seed=args.seed, threads=args.threads,
             index=IndexConfig(factory=args.index, search_params=args.search_params, threads=args.threads),
         )
     result = train(config)
@@ -41,13 +49,23 @@ def _train(args: argparse.Namespace) -> int:
     print(markdown_table([result.split_stats], ["users", "items", "interactions", "train", "val", "test"]))
     for name, tuning in result.tuning.items():
         if tuning.get("trials") and "best_config" in tuning:
-            names = [k for k in tuning["trials"][0] if "@" not in k]
-            print(f"\n## {name}: validation grid ({len(tuning['trials'])} points, best {tuning['metric']} "
-                  f"{tuning['best']:.4f})\n")
-            print(markdown_table(tuning["trials"], [*names, "Recall@10", "NDCG@10", "Recall@50"]))
+            names = list(dict.fromkeys(k for t in tuning["trials"] for k in t if "@" not in k and k != "fit_s"))
+            kind = "search" if name == "two_tower" else "grid"
+            print(f"\n## {name}: validation {kind} ({len(tuning['trials'])} points, best {tuning['metric']} "
+                  f"{tuning['best']:.4f}; a blank cell keeps the default)\n")
+            print(markdown_table(tuning["trials"], [*names, "Recall@10", "NDCG@10", "Recall@50", "fit_s"]))
+            for skipped in tuning.get("skipped", []):
+                print(f"not tried: {skipped}")
     print("\n## Test metrics (95% bootstrap intervals)\n")
-    rows = [result.report.row(config.model)] + [r.row(n) for n, r in result.baselines.items()]
+    rows = [result.report.row(config.model)]
+    if result.candidates_report is not None:
+        rows[0]["method"] = f"{config.model} (served: {result.served_source})"
+        rows.append(result.candidates_report.row(f"{config.model} candidates (fusion for Recall@50)"))
+    rows += [r.row(n) for n, r in result.baselines.items()]
     print(markdown_table(rows, METRIC_COLUMNS))
+    if result.served_source is not None:
+        print(f"\nThe list served without a reranker comes from: {result.served_source} (best validation "
+              "NDCG@10 among the fusions and each component alone); a reranker reads the candidate fusion.")
     print(f"\nSaved {result.folder} in {result.seconds:.1f} s")
     return 0
 
@@ -89,7 +107,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate_artifact, evaluate_two_stage, resolve_ranker
+    from pipeline.evaluate import evaluate_artifact_lists, evaluate_two_stage, resolve_ranker
     from pipeline.report import markdown_table
 
     if resolve_ranker(args.ranker, args.artifacts) is not None:
@@ -102,11 +120,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"retrieval": rows[0], "two_stage": rows[1]}, indent=2))
         return 0
-    report, manifest = evaluate_artifact(args.artifacts, args.data_path)
+    out = evaluate_artifact_lists(args.artifacts, args.data_path)
+    manifest = out["manifest"]
+    rows = [out["served"].row(manifest["model"])]
+    if out["candidates"] is not None:
+        rows[0]["method"] = f"{manifest['model']} served (from {out['served_source']})"
+        rows.append(out["candidates"].row(f"{manifest['model']} candidates (what a reranker reads)"))
     print(f"## {manifest['version']} on {manifest['data']['name']} (test split)\n")
-    print(markdown_table([report.row(manifest["model"])], METRIC_COLUMNS))
+    print(markdown_table(rows, METRIC_COLUMNS))
     if args.json:
-        print(json.dumps(report.row(manifest["model"]), indent=2))
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
     return 0
 
 
@@ -223,12 +246,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--artifacts", default="artifacts",
                        help="artifact root (uses its LATEST version) or a version folder (default: artifacts)")
 
+    from retrieval.registry import SPECS
+
     p = sub.add_parser("train", help="tune, fit, evaluate and save a retriever")
-    p.add_argument("--model", default="hybrid", choices=["hybrid", "two_tower", "als", "bpr", "popularity"],
-                   help="retriever to train (default: hybrid = two-tower + ALS + popularity)")
+    p.add_argument("--model", default="hybrid", choices=list(SPECS),
+                   help="retriever to train: " + "; ".join(f"{n}: {s.description}" for n, s in SPECS.items()))
     p.add_argument("--dataset", default="ml-latest-small", help="MovieLens name (default: ml-latest-small)")
     p.add_argument("--data-path", default=None, help="folder with the dataset files (else SHORTLIST_DATA_DIR)")
-    p.add_argument("--no-tune", action="store_true", help="skip the validation grid search")
+    p.add_argument("--interactions", default=None, metavar="FILE",
+                   help="your own events (.csv, .tsv, .parquet) instead of MovieLens; see the column flags")
+    p.add_argument("--items", default=None, metavar="FILE", help="your own item table for --interactions")
+    p.add_argument("--user-col", default="user_id", help="--interactions: user id column (default: user_id)")
+    p.add_argument("--item-col", default="item_id", help="--interactions: item id column (default: item_id)")
+    p.add_argument("--time-col", default="timestamp",
+                   help="--interactions: event time column (default: timestamp; '' = row order)")
+    p.add_argument("--rating-col", default="", help="--interactions: optional rating column")
+    p.add_argument("--item-id-col", default="", help="--items: item id column (default: --item-col)")
+    p.add_argument("--title-col", default="", help="--items: title column (default: 'title' if present)")
+    p.add_argument("--genres-col", default="", help="--items: optional |-joined genres column")
+    p.add_argument("--text-col", action="append", default=[], metavar="C",
+                   help="--items: a column describing the item (repeat for several)")
+    p.add_argument("--duplicates", default="keep_last", choices=["keep_last", "keep_first", "keep_all"],
+                   help="repeated (user, item) events (default: keep_last)")
+    p.add_argument("--no-tune", action="store_true", help="skip the validation searches")
+    p.add_argument("--search-trials", type=int, default=4,
+                   help="two-tower configs tried on validation (default 4: the default, the full softmax, "
+                        "2 seeded random points)")
+    p.add_argument("--search-budget", type=float, default=900.0,
+                   help="seconds: the two-tower search starts no trial likely to end past it (default 900)")
     p.add_argument("--index", default="Flat", help="FAISS factory string (Flat, HNSW32, IVF256,Flat)")
     p.add_argument("--search-params", default="", help="FAISS search parameters (efSearch=128, nprobe=16)")
     p.add_argument("--seed", type=int, default=0)

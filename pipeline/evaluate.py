@@ -8,29 +8,51 @@ from data.errors import ArtifactError
 from data.metrics import MetricReport
 from pipeline.artifacts import load_artifact
 from pipeline.config import TrainConfig
-from pipeline.train import load_dataset, prepare_split
+from pipeline.train import prepare_split
 from retrieval.evaluate import evaluate_retriever
+
+
+def _artifact_split(artifacts: str | Path, data_path: str | None):
+    """``(artifact, train config, split)``; refuses data on disk that the artifact was not trained on."""
+    artifact = load_artifact(artifacts)
+    train_cfg = TrainConfig.from_dict(artifact.manifest["config"]["train"])
+    raw = train_cfg.load_data(data_path)
+    if raw.fingerprint() != artifact.manifest["data"]["fingerprint"]:
+        raise ArtifactError(
+            f"{artifact.folder}: trained on data with fingerprint {artifact.manifest['data']['fingerprint']}, "
+            f"but {raw.name} on disk has {raw.fingerprint()}; pass the data it was trained on "
+            "(--data-path) or retrain"
+        )
+    return artifact, train_cfg, prepare_split(raw, train_cfg)
 
 
 def evaluate_artifact(artifacts: str | Path = "artifacts", data_path: str | None = None,
                       n_boot: int = 1000) -> tuple[MetricReport, dict]:
-    """Load the artifact, rebuild the split from the same data and score the test items.
+    """Load the artifact, rebuild the split from the same data and score the served list on the test items.
 
     Refuses when the data on disk is not the data the artifact was trained on (fingerprint check).
     """
-    artifact = load_artifact(artifacts)
-    train_cfg = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    raw = load_dataset(train_cfg.dataset, data_path or train_cfg.data_path)
-    if raw.fingerprint() != artifact.manifest["data"]["fingerprint"]:
-        raise ArtifactError(
-            f"{artifact.folder}: trained on data with fingerprint {artifact.manifest['data']['fingerprint']}, "
-            f"but {train_cfg.dataset} on disk has {raw.fingerprint()}; pass the data it was trained on "
-            "(--data-path) or retrain"
-        )
-    split = prepare_split(raw, train_cfg)
+    artifact, train_cfg, split = _artifact_split(artifacts, data_path)
     report = evaluate_retriever(artifact.retriever, split, "test", ks=train_cfg.ks, n_boot=n_boot,
                                 seed=train_cfg.seed)
     return report, artifact.manifest
+
+
+def evaluate_artifact_lists(artifacts: str | Path = "artifacts", data_path: str | None = None,
+                            n_boot: int = 1000) -> dict:
+    """Both lists of the artifact on the test split: ``{"served": report, "candidates": report or None,
+    "served_source": str or None, "manifest": dict}``. ``candidates`` is the list a reranker reads, when it
+    differs from the served one (a hybrid's fusion tuned for recall); ``served_source`` says what serves
+    the list without a reranker (a component's name, or ``"fusion"``)."""
+    artifact, train_cfg, split = _artifact_split(artifacts, data_path)
+    retriever = artifact.retriever
+    served = evaluate_retriever(retriever, split, "test", ks=train_cfg.ks, n_boot=n_boot, seed=train_cfg.seed)
+    candidates = None
+    if retriever.for_candidates() is not retriever:
+        candidates = evaluate_retriever(retriever.for_candidates(), split, "test", ks=train_cfg.ks, n_boot=n_boot,
+                                        seed=train_cfg.seed)
+    return {"served": served, "candidates": candidates, "served_source": getattr(retriever, "served_source", None),
+            "manifest": artifact.manifest}
 
 
 def resolve_ranker(ranker: str | Path | None, artifacts: str | Path = "artifacts") -> Path | None:
@@ -70,7 +92,7 @@ def evaluate_two_stage(artifacts: str | Path = "artifacts", ranker: str | Path =
                                    config=RecommenderConfig(max_m=max_m, calibrate=False))
     artifact = load_artifact(artifacts)
     train_cfg = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    split = prepare_split(load_dataset(train_cfg.dataset, data_path or train_cfg.data_path), train_cfg)
+    split = prepare_split(train_cfg.load_data(data_path), train_cfg)
     cases = split.cases("test")
     ids, _ = retrieve_cases(recommender.retriever, cases, 10)
     served = np.full((len(cases), 10), -1, dtype=np.int64)

@@ -345,6 +345,10 @@ class Recommender:
             hist = hist[self.retriever.items.rows(hist, missing="ignore") >= 0] if hist.size else hist
         depth = max(c.retrieve_k, k)
         by_history = False
+        # a reranker reads the candidate list (a hybrid's fusion tuned for recall); without one the user
+        # gets the served list (tuned for NDCG@10)
+        wants_rerank = self.ranker is not None and c.rerank and (self.rerank_pays or not c.blend)
+        source = self.retriever.for_candidates() if wants_rerank else self.retriever
         if hist.size == 0:
             path = "cold_start"
             ids, scores = self.retriever.popular_items(depth, allow=allow, deny=deny)
@@ -352,11 +356,9 @@ class Recommender:
             path = "retrieval"
             by_history = explicit is not None or self.observed(user_id)
             if by_history:
-                ids, scores = self.retriever.retrieve_history(hist, depth, exclude_seen=exclude_seen, allow=allow,
-                                                              deny=deny)
+                ids, scores = source.retrieve_history(hist, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
             else:
-                ids, scores = self.retriever.retrieve(user_id, depth, exclude_seen=exclude_seen, allow=allow,
-                                                      deny=deny)
+                ids, scores = source.retrieve(user_id, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
         tick = self._lap(timings, "retrieve", tick)
 
         # 2. filter
@@ -367,8 +369,7 @@ class Recommender:
         m, reason = 0, None
         ranker_history = np.empty(0, np.int64)
         cost = 0.0
-        if path != "cold_start" and self.ranker is not None and c.rerank and ids.size and (
-                self.rerank_pays or not c.blend):
+        if path != "cold_start" and wants_rerank and ids.size:
             ranker_history = self._ranker_history(hist)
             m, cost, reason = self._plan(ranker_history, ids, budget - (time.perf_counter() - t0) * 1000)
         tick = self._lap(timings, "plan", tick)

@@ -300,14 +300,14 @@ def train_artifact_ranker(artifacts: str | Path = "artifacts", config: SecondSta
     served retriever's validation lists. Written to :func:`ranker_folder`; the artifact is not modified."""
     from pipeline.artifacts import load_artifact
     from pipeline.config import TrainConfig
-    from pipeline.train import load_dataset, prepare_split
+    from pipeline.train import prepare_split
 
     config = config or SecondStageConfig(trainer=DEMO_TRAINER, student_trainer=DEMO_STUDENT)
     artifact = load_artifact(artifacts)
     train_config = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    raw = load_dataset(train_config.dataset, config.data_path or train_config.data_path)
+    raw = train_config.load_data(config.data_path)
     if raw.fingerprint() != artifact.manifest["data"]["fingerprint"]:
-        raise ArtifactError(f"{artifact.folder}: trained on other data than {train_config.dataset} on disk; pass the "
+        raise ArtifactError(f"{artifact.folder}: trained on other data than {raw.name} on disk; pass the "
                             "data it was trained on (--data-path) or retrain the artifact")
     split = prepare_split(raw, train_config)
     served = artifact.retriever
@@ -318,8 +318,8 @@ def train_artifact_ranker(artifacts: str | Path = "artifacts", config: SecondSta
     if candidates is not served:
         candidates.set_history(split.history("val"))
     try:
-        return fit_stage(split, raw.items, candidates, ranker_folder(artifacts), config, serving=served,
-                         progress=progress)
+        return fit_stage(split, raw.items, candidates, ranker_folder(artifacts), config,
+                         serving=served.for_candidates(), progress=progress)
     finally:
         served.set_history(split.history("test"))
 

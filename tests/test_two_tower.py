@@ -33,50 +33,6 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "|", "(", ")", ",", "the"
          "comedy", "horror", "musical", "film", "-", "noir"] + [str(y) for y in range(1920, 2030)]
 
 
-class RetrieverContract:
-    """Mixin: the retrieve contract every retriever keeps. Subclasses provide ``retriever`` (fitted on
-    ``split.history("val")``) and ``split`` fixtures."""
-
-    def test_scalar_gives_1d_and_array_gives_2d(self, retriever, split):
-        users = split.users.ids[:3]
-        ids, scores = retriever.retrieve(int(users[0]), 7)
-        assert ids.shape == (7,) and scores.shape == (7,)
-        ids2, scores2 = retriever.retrieve(users, 7)
-        assert ids2.shape == (3, 7) and scores2.shape == (3, 7)
-        assert ids2.dtype == np.int64 and scores2.dtype == np.float32
-
-    def test_batch_equals_single(self, retriever, split):
-        users = split.users.ids[:5]
-        batch_ids, batch_scores = retriever.retrieve(users, 10)
-        for row, user in enumerate(users):
-            ids, scores = retriever.retrieve(int(user), 10)
-            np.testing.assert_array_equal(ids, batch_ids[row])
-            np.testing.assert_allclose(scores, batch_scores[row], rtol=1e-5, atol=1e-5)
-
-    def test_seen_items_excluded_scores_sorted_no_duplicates(self, retriever, split):
-        history = split.history("val").frame
-        users = split.users.ids[:20]
-        ids, scores = retriever.retrieve(users, 15)
-        for row, user in enumerate(users):
-            seen = set(history.loc[history[USER] == user, ITEM].tolist())
-            assert not seen & set(ids[row].tolist())
-            assert len(set(ids[row].tolist())) == 15
-            assert np.all(np.diff(scores[row]) <= 1e-6)
-
-    def test_padding_when_k_exceeds_catalogue(self, retriever, split):
-        k = len(split.items) + 5
-        ids, scores = retriever.retrieve(int(split.users.ids[0]), k)
-        assert (ids[-5:] == -1).all() and np.isneginf(scores[-5:]).all()
-
-    def test_unknown_user_gets_a_full_list(self, retriever, split):
-        ids, scores = retriever.retrieve(10**9, 5)
-        assert (ids != -1).all() and np.isfinite(scores).all()
-
-    def test_history_fingerprint_matches_split(self, retriever, split):
-        report = evaluate_retriever(retriever, split, "val", ks=(10,), n_boot=0)
-        assert 0.0 <= report.means["NDCG@10"] <= 1.0
-
-
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def data():
@@ -112,10 +68,6 @@ def tiny_bert(tmp_path_factory):
                         intermediate_size=32, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
     return str(folder)
-
-
-class TestTwoTowerContract(RetrieverContract):
-    pass
 
 
 # --------------------------------------------------------------------------------------------- towers and loss
