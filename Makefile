@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/shortlist train --artifacts artifacts
+	$(VENV)/bin/shortlist train --artifacts artifacts --search-trials 1
 	$(VENV)/bin/shortlist train-ranker --artifacts artifacts
 	$(VENV)/bin/shortlist evaluate --artifacts artifacts --ranker auto
 	$(VENV)/bin/shortlist recommend --user 1 --k 10 --artifacts artifacts --ranker auto

@@ -232,8 +232,10 @@ class EmbeddingRetriever(Retriever):
 
     # ---- learning -------------------------------------------------------------------------------
     @abstractmethod
-    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(user_factors, item_factors)`` for the binary user x item ``matrix``."""
+    def _learn(self, matrix: sp.csr_matrix, *, data: Interactions, validation: Split | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(user_factors, item_factors)`` for the binary user x item ``matrix`` (built from
+        ``data``; models that read sequences or stop early use ``data`` and ``validation`` too)."""
 
     def fit(self, data: Interactions, *, items: IdVocab | None = None, validation: Split | None = None
             ) -> EmbeddingRetriever:
@@ -247,7 +249,7 @@ class EmbeddingRetriever(Retriever):
         self.seen = seen_matrix(data.frame, self.users, self.items)
         self.popularity = np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32)
         self._fingerprint = data.fingerprint()
-        user_factors, item_factors = self._learn(matrix)
+        user_factors, item_factors = self._learn(matrix, data=data, validation=validation)
         self.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
         self.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
         self._build_indexes()

@@ -102,7 +102,7 @@ class ImplicitRetriever(EmbeddingRetriever):
     def _build_model(self):
         raise NotImplementedError
 
-    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    def _learn(self, matrix: sp.csr_matrix, **_: object) -> tuple[np.ndarray, np.ndarray]:
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(1, "blas"):  # implicit's own advice: its threads, not BLAS's

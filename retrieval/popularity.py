@@ -30,6 +30,6 @@ class PopularityRetriever(EmbeddingRetriever):
     name = "popularity"
     config_type = PopularityConfig
 
-    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    def _learn(self, matrix: sp.csr_matrix, **_: object) -> tuple[np.ndarray, np.ndarray]:
         counts = np.asarray(matrix.sum(axis=0), dtype=np.float32).ravel()
         return np.ones((matrix.shape[0], 1), dtype=np.float32), counts[:, None]

@@ -13,7 +13,7 @@ choices, :data:`pipeline.config.MODELS`, the grids and :func:`retrieval.fitting.
     class ItemKNNRetriever(EmbeddingRetriever):
         name = "item_knn"
         config_type = ItemKNNConfig
-        def _learn(self, matrix): ...
+        def _learn(self, matrix, **_): ...
 
     register(RetrieverSpec("item_knn", ItemKNNRetriever, ItemKNNConfig,
                            search_space={"neighbours": (20, 50, 100)}))

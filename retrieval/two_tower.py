@@ -209,8 +209,6 @@ class TwoTowerRetriever(EmbeddingRetriever):
         self._input_table: Any = None
         self._encoder: Any = None
         self._n_id_items = 0
-        self._fit_data: Interactions | None = None
-        self._validation: Split | None = None
 
     # ---- learning -------------------------------------------------------------------------------
     def fit(self, data: Interactions, *, items: IdVocab | None = None,
@@ -234,25 +232,19 @@ class TwoTowerRetriever(EmbeddingRetriever):
                     "fit: data is not validation.history('val'); fit on split.history('val') with "
                     "validation=split, or pass validation=None to hold out each user's last event"
                 )
-        self._fit_data, self._validation = data, validation
-        try:
-            super().fit(data, items=items)
-        finally:
-            self._fit_data, self._validation = None, None
+        super().fit(data, items=items, validation=validation)
         return self
 
-    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    def _learn(self, matrix: sp.csr_matrix, *, data: Interactions, validation: Split | None
+               ) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         from retrieval.trainer import ItemInputs, Trainer, torch_threads, training_windows
 
         c = self.config
-        data = self._fit_data
-        if data is None:
-            raise NotFittedError("TwoTowerRetriever: call fit(data), not _learn() directly")
         full_frame = data.frame[data.frame[ITEM].isin(self.items.ids)]
-        if self._validation is not None:
-            train_frame, split = full_frame, self._validation
+        if validation is not None:
+            train_frame, split = full_frame, validation
         else:
             train_frame, held_out = leave_last_out(full_frame)
             split = Split(train=data.with_frame(train_frame, name=f"{data.name}:fit"), val=held_out,

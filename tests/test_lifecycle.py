@@ -58,7 +58,7 @@ class PureSVDRetriever(EmbeddingRetriever):
     name = "pure_svd"
     config_type = PureSVDConfig
 
-    def _learn(self, matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    def _learn(self, matrix: sp.csr_matrix, **_) -> tuple[np.ndarray, np.ndarray]:
         k = min(self.config.factors, min(matrix.shape) - 1)
         u, s, vt = sp.linalg.svds(matrix.astype(np.float64), k=k, random_state=0)
         return u * s, vt.T

@@ -483,3 +483,33 @@ def test_batch_candidates_rerank_the_top_m_like_the_online_path(tiny, loaded, tm
     ids = np.array([[5, 6, -1]])
     out_ids, _, _, ce = rerank_lists(loaded.ranker, [np.array([1, 2])], ids, np.array([[3.0, 2.0, -np.inf]]), 3)
     assert out_ids[0, -1] == -1 and np.isnan(ce[0, -1])  # padding stays last, unscored
+
+
+def test_the_reranker_reads_the_candidate_fusion_and_a_plain_request_gets_the_served_list(tiny, tmp_path):
+    """A hybrid whose served list is one component (popularity, chosen as if by validation NDCG@10) but whose
+    candidates fuse both: a reranked request reorders the candidate list, a request without a reranker
+    returns the served list exactly."""
+    import dataclasses
+
+    from pipeline.artifacts import load_artifact, save_artifact
+
+    hybrid = load_artifact(tiny["artifact"]).retriever
+    hybrid.config = dataclasses.replace(hybrid.config, served_method="rrf", served_weights=(0.0, 1.0))
+    folder = save_artifact(tmp_path / "artifacts", hybrid, tiny["events"].items, config={}, data={"name": "tiny"},
+                           metrics={}, version="served")
+    user = known_user(tiny)
+    config = RecommenderConfig(retrieve_k=40, max_m=20, min_m=3, calibrate=False)
+    rec = Recommender.load(folder, tiny["ranker"], config=config)
+    assert rec.retriever.served_source == "popularity"
+    candidates, _ = rec.retriever.for_candidates().retrieve(user, 40)
+    served, _ = rec.retriever.retrieve(user, 40)
+    assert not np.array_equal(candidates[:20], served[:20])
+    result = rec.recommend(user, k=30, budget_ms=60_000)
+    assert result.path == "reranked"
+    ce = rec.ranker.score(rec.retriever.stored_history(user), candidates[:20])
+    assert result.item_ids == [int(i) for i in list(candidates[:20][np.argsort(-ce, kind="stable")]) +
+                               list(candidates[20:30])]
+    rec.close()
+    plain = Recommender.load(folder, tiny["ranker"], config=dataclasses.replace(config, rerank=False))
+    assert plain.recommend(user, k=10, budget_ms=60_000).item_ids == served[:10].tolist()
+    plain.close()
