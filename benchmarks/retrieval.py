@@ -41,6 +41,7 @@ from retrieval.fitting import fit_retriever
 from retrieval.hybrid import HybridRetriever
 from retrieval.index import IndexConfig, ItemIndex
 from retrieval.registry import SPECS
+from retrieval.tuning import grid_search
 
 KS = (10, 20, 50, 100, 200)
 QUALITY_COLUMNS = ["method", "NDCG@10", "NDCG@10_sd", "NDCG@10_by_seed", "Recall@10", "Recall@50", "Recall@200",
@@ -74,6 +75,7 @@ def quality_rows(split, config: TrainConfig, seeds: int = 3) -> tuple[list[dict]
     chosen: dict[str, Any] = {}
     search: dict[str, Any] = {}
     models: dict[str, Any] = {}
+    later: dict[str, dict[int, tuple[Any, float]]] = {}  # slow models' seeds 1.. trained in parallel
     for seed in range(seeds):
         options = dataclasses.replace(config.fit_options(progress=True), seed=seed, tune=seed == 0)
         this_seed: dict[str, Any] = {}
@@ -81,14 +83,26 @@ def quality_rows(split, config: TrainConfig, seeds: int = 3) -> tuple[list[dict]
             if spec.components:
                 continue
             start = time.perf_counter()
-            fitted = fit_retriever(name, split, "test", configs=configs if seed == 0 else chosen, options=options)
-            fit_s.setdefault(name, []).append(time.perf_counter() - start)
-            if seed == 0:
-                chosen[name] = fitted.config
-                search.update(fitted.tuning)
-                models[name] = fitted.model
-            this_seed[name] = fitted.model
-            reports.setdefault(name, []).append(evaluate_retriever(fitted.model, split, "test", ks=KS))
+            if name in later:
+                model, seconds = later[name][seed]
+                model.set_history(split.history("test"))
+                fit_s.setdefault(name, []).append(seconds)
+            else:
+                fitted = fit_retriever(name, split, "test", configs=configs if seed == 0 else chosen,
+                                       options=options)
+                model = fitted.model
+                fit_s.setdefault(name, []).append(time.perf_counter() - start)
+                if seed == 0:
+                    chosen[name] = fitted.config
+                    search.update(fitted.tuning)
+                    models[name] = model
+            if seed == 0 and spec.search == "random" and seeds > 1:
+                # the chosen config with the other seeds, in the search's worker processes
+                got = grid_search(spec.cls, chosen[name], {"seed": list(range(1, seeds))}, split,
+                                  workers=config.search_workers, keep_models=True)
+                later[name] = {s: (m, t["fit_s"]) for s, m, t in zip(range(1, seeds), got.models, got.trials)}
+            this_seed[name] = model
+            reports.setdefault(name, []).append(evaluate_retriever(model, split, "test", ks=KS))
         # the hybrid of this seed, as `shortlist train` builds it: the two-tower above, ALS (chosen config)
         # and popularity fitted on the validation history, both fusions tuned on validation
         start = time.perf_counter()

@@ -41,7 +41,8 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(
             dataset=args.dataset, data_path=args.data_path, interactions=args.interactions, items=args.items,
             columns=columns, model=args.model, tune=not args.no_tune, search_trials=args.search_trials,
-            search_budget_s=args.search_budget, artifacts=args.artifacts, seed=args.seed, threads=args.threads,
+            search_budget_s=args.search_budget, search_workers=args.search_workers, artifacts=args.artifacts,
+            seed=args.seed, threads=args.threads,
             index=IndexConfig(factory=args.index, search_params=args.search_params, threads=args.threads),
         )
     result = train(config)
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "2 seeded random points)")
     p.add_argument("--search-budget", type=float, default=900.0,
                    help="seconds: the two-tower search starts no trial likely to end past it (default 900)")
+    p.add_argument("--search-workers", type=int, default=2,
+                   help="processes the two-tower search trains in, one thread each (default 2)")
     p.add_argument("--index", default="Flat", help="FAISS factory string (Flat, HNSW32, IVF256,Flat)")
     p.add_argument("--search-params", default="", help="FAISS search parameters (efSearch=128, nprobe=16)")
     p.add_argument("--seed", type=int, default=0)

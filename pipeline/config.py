@@ -43,6 +43,7 @@ class TrainConfig(JsonConfig):
         search_trials: most two-tower configs the search tries (the default config, the full softmax
             where the catalogue allows it, then seeded random points).
         search_budget_s: the two-tower search starts no trial likely to end past this many seconds.
+        search_workers: processes the two-tower search trains its trials in (one torch thread each).
         protocol: filtering rules of the evaluation protocol.
         index: the FAISS index the trained item embeddings are served from (every retriever's).
         two_tower: the two-tower model and its training (its own ``index`` is replaced by ``index``); the
@@ -65,6 +66,7 @@ class TrainConfig(JsonConfig):
     tune: bool = True
     search_trials: int = 4
     search_budget_s: float = 900.0
+    search_workers: int = 2
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
@@ -108,4 +110,4 @@ class TrainConfig(JsonConfig):
         """The job-wide settings of :func:`retrieval.fitting.fit_retriever`."""
         return FitOptions(tune=self.tune, seed=self.seed, threads=self.threads, index=self.index,
                           search_trials=self.search_trials, search_budget_s=self.search_budget_s,
-                          search_seed=self.seed, progress=progress)
+                          search_seed=self.seed, search_workers=self.search_workers, progress=progress)

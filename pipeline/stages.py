@@ -16,11 +16,12 @@ from typing import Any
 from data.dataset import Interactions
 from data.errors import DataValidationError
 from data.protocol import Split, apply_filters, make_split
+from retrieval.registry import SPECS
 
 log = logging.getLogger(__name__)
 
-#: Retrievers this module can fit for the reranker's candidates.
-CANDIDATE_RETRIEVERS = ("two_tower", "als", "bpr", "popularity")
+#: Retrievers this module can fit for the reranker's candidates: every registered one but composites.
+CANDIDATE_RETRIEVERS = tuple(name for name, spec in SPECS.items() if not spec.components)
 
 
 def protocol_split(raw: Interactions, protocol: str = "leave_one_out", n: int = 5) -> Split:

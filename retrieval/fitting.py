@@ -50,6 +50,8 @@ class FitOptions(JsonConfig):
         search_trials: most points of a random search (the two-tower's), the default config included.
         search_budget_s: a random search starts no trial that would likely end past this many seconds.
         search_seed: seed of the random search's points.
+        search_workers: processes the random search trains its trials in (one torch thread each; 2 on a
+            2-core machine halves its wall time; the results do not depend on it).
         progress: show progress bars.
     """
 
@@ -60,12 +62,14 @@ class FitOptions(JsonConfig):
     search_trials: int = 4
     search_budget_s: float = 900.0
     search_seed: int = 0
+    search_workers: int = 2
     progress: bool = True
 
     def __post_init__(self) -> None:
         require(self.threads >= 1, f"FitOptions.threads must be >= 1, got {self.threads}")
         require(self.search_trials >= 1, f"FitOptions.search_trials must be >= 1, got {self.search_trials}")
         require(self.search_budget_s > 0, f"FitOptions.search_budget_s must be > 0, got {self.search_budget_s}")
+        require(self.search_workers >= 1, f"FitOptions.search_workers must be >= 1, got {self.search_workers}")
 
 
 @dataclass
@@ -142,7 +146,8 @@ def _fit_on_validation(s: RetrieverSpec, config: Any, split: Split, options: Fit
         allowed = (lambda point: s.point_filter(point, n_items)) if s.point_filter else None
         result = random_search(make, config, s.search_space, split, trials=options.search_trials,
                                budget_s=options.search_budget_s, first=s.first_points, allowed=allowed,
-                               seed=options.search_seed, progress=options.progress)
+                               seed=options.search_seed, progress=options.progress,
+                               workers=options.search_workers)
     return result.best_model, result.best_config, {s.name: result.summary()}
 
 

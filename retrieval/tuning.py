@@ -38,6 +38,7 @@ class TuningResult:
         trials: one dict per point tried: its parameters, validation metrics and ``fit_s``.
         best_model: the fitted model of the best point (on ``split.history("val")``).
         skipped: points not tried, with why (time budget, catalogue size).
+        models: every fitted model, in trial order (only with ``keep_models``).
     """
 
     best_config: Any
@@ -46,6 +47,7 @@ class TuningResult:
     trials: list[dict[str, Any]]
     best_model: Retriever | None = None
     skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    models: list[Retriever] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: metric, best value, trials, skipped and the best config."""
@@ -61,32 +63,97 @@ def _check_fields(base_config: Any, names: Sequence[str]) -> None:
         raise ConfigError(f"search: unknown field(s) {unknown} for {type(base_config).__name__}")
 
 
+def _fit_and_score(make: Callable[[Any], Retriever], config: Any, split: Split, ks: Sequence[int],
+                   folder: str | None = None) -> tuple[Retriever | None, dict[str, float], float]:
+    """One trial: fit on the validation history, score validation; in a worker process (``folder`` set)
+    the model is saved there (safetensors, FAISS, JSON) and not returned."""
+    if folder is not None and hasattr(config, "progress"):
+        config = dataclasses.replace(config, progress=False)
+    tick = time.perf_counter()
+    model = make(config).fit(split.history("val"), items=split.items, validation=split)
+    fit_s = time.perf_counter() - tick
+    means = evaluate_retriever(model, split, "val", ks=ks, n_boot=0).means
+    if folder is not None:
+        model.save(folder)
+        return None, means, fit_s
+    return model, means, fit_s
+
+
 def _run(make: Callable[[Any], Retriever], points: Sequence[dict[str, Any]], base_config: Any, split: Split,
          metric: str, ks: Sequence[int], progress: bool, budget_s: float | None = None,
-         label: str = "") -> TuningResult:
-    history = split.history("val")
-    trials: list[dict[str, Any]] = []
+         label: str = "", workers: int = 1, keep_models: bool = False) -> TuningResult:
+    """Fit and score every point (in ``workers`` processes when > 1), stopping at ``budget_s``."""
+    trials: list[dict[str, Any] | None] = [None] * len(points)
+    models: list[Retriever | None] = [None] * len(points)
     skipped: list[dict[str, Any]] = []
-    best: tuple[float, Any, Retriever] | None = None
     started = time.perf_counter()
-    bar = tqdm(points, desc=f"tune {label or type(base_config).__name__}", disable=not progress)
-    for params in bar:
+    bar = tqdm(total=len(points), desc=f"tune {label or type(base_config).__name__}", disable=not progress)
+
+    def record(i: int, model: Retriever | None, means: dict[str, float], fit_s: float) -> None:
+        trials[i] = {**points[i], **{k: round(v, 6) for k, v in means.items()}, "fit_s": round(fit_s, 1)}
+        models[i] = model
+        done = [t for t in trials if t is not None]
+        bar.update(1)
+        bar.set_postfix(best=f"{max(t[metric] for t in done):.4f}")
+
+    def over_budget(n_done: int, n_running: int = 0) -> bool:
+        if budget_s is None or n_done + n_running == 0:
+            return False
         elapsed = time.perf_counter() - started
-        mean_trial = elapsed / len(trials) if trials else 0.0
-        if budget_s is not None and trials and elapsed + mean_trial > budget_s:
-            skipped.append({**params, "why": f"time budget ({budget_s:.0f} s; {elapsed:.0f} s used)"})
-            continue
-        config = dataclasses.replace(base_config, **params)
-        tick = time.perf_counter()
-        model = make(config).fit(history, items=split.items, validation=split)
-        fit_s = time.perf_counter() - tick
-        means = evaluate_retriever(model, split, "val", ks=ks, n_boot=0).means
-        trials.append({**params, **{k: round(v, 6) for k, v in means.items()}, "fit_s": round(fit_s, 1)})
-        if best is None or means[metric] > best[0]:
-            best = (means[metric], config, model)
-        bar.set_postfix(best=f"{best[0]:.4f}")
-    return TuningResult(best_config=best[1], best_value=float(best[0]), metric=metric, trials=trials,
-                        best_model=best[2], skipped=skipped)
+        mean = elapsed / max(n_done, 1) if n_done else 0.0
+        return n_done > 0 and elapsed + mean > budget_s
+
+    if workers <= 1:
+        for i, params in enumerate(points):
+            if over_budget(sum(t is not None for t in trials)):
+                skipped.append({**params, "why": f"time budget ({budget_s:.0f} s)"})
+                continue
+            record(i, *_fit_and_score(make, dataclasses.replace(base_config, **params), split, ks))
+    else:
+        _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skipped, budget_s, models)
+    bar.close()
+    done = [i for i, t in enumerate(trials) if t is not None]
+    best = max(done, key=lambda i: (trials[i][metric], -i))  # the earliest point on ties
+    return TuningResult(best_config=dataclasses.replace(base_config, **points[best]),
+                        best_value=float(trials[best][metric]), metric=metric, trials=[trials[i] for i in done],
+                        best_model=models[best], skipped=skipped,
+                        models=[models[i] for i in done] if keep_models else [])
+
+
+def _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skipped, budget_s,
+                  models) -> None:
+    """Trials in ``workers`` spawned processes (one torch thread each, as the configs say); each saves its
+    model to a temporary folder and the parent loads the ones it keeps."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from retrieval.registry import load_retriever
+
+    with tempfile.TemporaryDirectory(prefix="shortlist-search-") as tmp, ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = list(enumerate(points))
+        running: dict[Any, int] = {}
+        n_done = 0
+        while pending or running:
+            while pending and len(running) < workers:
+                if over_budget(n_done, len(running)):
+                    skipped.extend({**p, "why": f"time budget ({budget_s:.0f} s)"} for _, p in pending)
+                    pending = []
+                    break
+                i, params = pending.pop(0)
+                folder = f"{tmp}/trial_{i}"
+                future = pool.submit(_fit_and_score, make, dataclasses.replace(base_config, **params), split, ks,
+                                     folder)
+                running[future] = i
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i = running.pop(future)
+                _, means, fit_s = future.result()
+                n_done += 1
+                record(i, load_retriever(f"{tmp}/trial_{i}"), means, fit_s)
 
 
 def grid_search(
@@ -98,15 +165,19 @@ def grid_search(
     metric: str = "NDCG@10",
     ks: Sequence[int] = (10, 50),
     progress: bool = True,
+    workers: int = 1,
+    keep_models: bool = False,
 ) -> TuningResult:
     """Fit ``make(config)`` for every grid point; keep the best on validation.
 
     ``grid`` maps config field names to candidate values; the other fields come from ``base_config``.
+    ``workers`` > 1 fits points in that many processes (worth it for models that train for minutes);
+    ``keep_models`` returns every fitted model too (``{"seed": [1, 2]}`` trains one config with two seeds).
     """
     _check_fields(base_config, list(grid))
     names = list(grid)
     points = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
-    return _run(make, points, base_config, split, metric, ks, progress)
+    return _run(make, points, base_config, split, metric, ks, progress, workers=workers, keep_models=keep_models)
 
 
 def random_points(space: Mapping[str, Sequence[Any]], base_config: Any, trials: int, *,
@@ -160,17 +231,19 @@ def random_search(
     metric: str = "NDCG@10",
     ks: Sequence[int] = (10, 50),
     progress: bool = True,
+    workers: int = 1,
 ) -> TuningResult:
     """The base config, ``first``, then seeded random points of ``space`` (see :func:`random_points`),
-    each fitted and scored on validation; the best is kept.
+    each fitted and scored on validation; the best is kept (the earliest on ties).
 
     A trial is not started when the time used plus the mean trial time would pass ``budget_s`` (the base
     config always runs). Points ``allowed`` refuses (a full softmax over a large catalogue) are skipped.
+    ``workers`` > 1 runs trials in that many spawned processes; the results are the same as in one.
     """
     if trials < 1:
         raise ConfigError(f"random_search: trials must be >= 1, got {trials}")
     points, refused = random_points(space, base_config, trials, first=first, seed=seed, allowed=allowed)
-    result = _run(make, points, base_config, split, metric, ks, progress, budget_s)
+    result = _run(make, points, base_config, split, metric, ks, progress, budget_s, workers=workers)
     result.skipped = [{**p, "why": "not allowed on this catalogue"} for p in refused] + result.skipped
     return result
 

@@ -154,6 +154,11 @@ def test_the_two_tower_search_tries_the_full_softmax_and_keeps_the_best_on_valid
 
     got = evaluate_retriever(fitted.model, split, "val", ks=(10, 50), n_boot=0).means["NDCG@10"]
     assert got == pytest.approx(best["NDCG@10"], abs=1e-6)  # the model returned is the one scored (trials round)
+    # two worker processes (the default) give the same trials as one process
+    alone = fit_retriever("two_tower", split, "val", configs={"two_tower": FAST},
+                          options=FitOptions(search_trials=3, search_workers=1, progress=False))
+    assert [{k: v for k, v in t.items() if k != "fit_s"} for t in alone.tuning["two_tower"]["trials"]] == \
+        [{k: v for k, v in t.items() if k != "fit_s"} for t in trials]
 
 
 def test_past_the_catalogue_limit_the_search_keeps_the_sampled_softmax(split, monkeypatch):
@@ -161,7 +166,7 @@ def test_past_the_catalogue_limit_the_search_keeps_the_sampled_softmax(split, mo
 
     monkeypatch.setattr(tt, "FULL_SOFTMAX_MAX_ITEMS", len(split.items) - 1)
     fitted = fit_retriever("two_tower", split, "val", configs={"two_tower": FAST},
-                           options=FitOptions(search_trials=2, progress=False))
+                           options=FitOptions(search_trials=2, search_workers=1, progress=False))
     search = fitted.tuning["two_tower"]
     assert all(t.get("loss") != "full_softmax" for t in search["trials"])
     assert any(s.get("loss") == "full_softmax" and "not allowed" in s["why"] for s in search["skipped"])
@@ -169,7 +174,8 @@ def test_past_the_catalogue_limit_the_search_keeps_the_sampled_softmax(split, mo
 
 def test_the_time_budget_stops_the_search_after_the_default(split):
     fitted = fit_retriever("two_tower", split, "val", configs={"two_tower": FAST},
-                           options=FitOptions(search_trials=3, search_budget_s=1e-3, progress=False))
+                           options=FitOptions(search_trials=3, search_budget_s=1e-3, search_workers=1,
+                                              progress=False))
     search = fitted.tuning["two_tower"]
     assert len(search["trials"]) == 1 and len(search["skipped"]) == 2
     assert all("time budget" in s["why"] for s in search["skipped"])
