@@ -103,7 +103,7 @@ def _run(make: Callable[[Any], Retriever], points: Sequence[dict[str, Any]], bas
         mean = elapsed / max(n_done, 1) if n_done else 0.0
         return n_done > 0 and elapsed + mean > budget_s
 
-    if workers <= 1:
+    if workers <= 1 or len(points) == 1:  # one point: no process to spawn
         for i, params in enumerate(points):
             if over_budget(sum(t is not None for t in trials)):
                 skipped.append({**params, "why": f"time budget ({budget_s:.0f} s)"})
