@@ -155,7 +155,7 @@ def public_description(rec: Recommender) -> dict[str, Any]:
 
 def create_app(recommender: Recommender | Callable[[], Recommender], config: ServiceConfig | None = None, *,
                reload: Callable[[], Recommender] | None = None,
-               version: Callable[[], str | None] | None = None) -> FastAPI:
+               version: Callable[[], str | None] | None = None, owned: bool = False) -> FastAPI:
     """The FastAPI app serving ``recommender`` (or the recommender a loader callable returns).
 
     At start-up a background thread loads (when given a loader), replays the event log
@@ -163,7 +163,8 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
     done, and the model endpoints answer 503 meanwhile. ``reload`` (a loader of the newest version) enables
     ``POST /admin/reload``; with ``version`` (what ``LATEST`` names) and ``config.watch_latest_s`` a changed
     ``LATEST`` hot-swaps too (:mod:`pipeline.hot_swap`). At shutdown the app closes the event log and the
-    recommenders it loaded. The API key is read from ``config.api_key_env`` once, here.
+    recommenders it loaded (or was handed with ``owned=True``). The API key is read from
+    ``config.api_key_env`` once, here.
     """
     config = config or ServiceConfig()
     state = _State(config)
@@ -227,7 +228,7 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
             state.status = "loading"
             rec = recommender() if loaded_here else recommender
             prepare_model(rec)
-            activate(rec, owned=loaded_here)
+            activate(rec, owned=loaded_here or owned)
             state.status = "ready"
             state.ready.set()
             if state.reloader is not None:
