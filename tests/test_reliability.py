@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Self
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,6 +22,9 @@ from test_recommender import BrokenRanker, build_tiny_pipeline
 from pipeline.recommender import Recommender
 from pipeline.recommender_config import RecommenderConfig, ServiceConfig
 from pipeline.service import create_app
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+
 
 CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
 
