@@ -36,9 +36,11 @@ from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data.errors import (
     BudgetExceededError,
@@ -59,20 +61,35 @@ from pipeline.service_metrics import Metrics
 log = logging.getLogger(__name__)
 
 # ---- request models --------------------------------------------------------------------------------
-#: A user or item id: any int64 (a larger JSON integer is a 422, not an overflow later).
-ExternalId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+def _integral(value: Any) -> Any:
+    """A JSON number with no fraction (``100.0``) is an integer in JSON Schema: take it as one."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: An integer field: strict (no strings, no booleans) but ``100.0`` counts, as JSON Schema says.
+Integral = BeforeValidator(_integral)
+#: The largest integer every JSON parser reads exactly (RFC 7493, I-JSON): ids and timestamps stay within
+#: it, so the limits the spec publishes are the ones the server enforces, whatever the client's numbers
+#: are (2**63 - 1 has no exact double: a client sending it as one sends 2**63, which no int64 holds).
+MAX_SAFE_INT = 2**53 - 1
+#: A user or item id (a larger JSON integer is a 422, not an overflow later).
+ExternalId = Annotated[int, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT), Integral]
 
 
 def request_models(config: ServiceConfig) -> dict[str, type[BaseModel]]:
     """Pydantic request models with the limits of ``config`` (strict types, unknown fields rejected)."""
     strict = ConfigDict(extra="forbid", strict=True)
+    # the spec says what _one_of checks: a non-null user_id or a history
+    one_of = ConfigDict(extra="forbid", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["user_id"], "properties": {"user_id": {"type": "integer"}}},
+        {"required": ["history"], "properties": {"history": {"type": "array"}}}]})
 
     class RecommendRequest(BaseModel):
-        model_config = strict
+        model_config = one_of
         user_id: ExternalId | None = Field(None, description="external user id; unknown users get popular items")
         history: list[ExternalId] | None = Field(None, max_length=config.max_history,
                                           description="item ids, oldest first; replaces the user's history")
-        k: int = Field(10, ge=1, le=config.max_k)
+        k: Annotated[int, Field(ge=1, le=config.max_k), Integral] = 10
         budget_ms: float | None = Field(None, gt=0, le=config.max_budget_ms)
         exclude_seen: bool = True
         allow: list[ExternalId] | None = Field(None, max_length=config.max_candidates)
@@ -86,11 +103,11 @@ def request_models(config: ServiceConfig) -> dict[str, type[BaseModel]]:
             return _one_of(self)
 
     class RerankRequest(BaseModel):
-        model_config = strict
+        model_config = one_of
         user_id: ExternalId | None = None
         history: list[ExternalId] | None = Field(None, max_length=config.max_history)
         candidates: list[ExternalId] = Field(..., min_length=1, max_length=config.max_candidates)
-        top_n: int | None = Field(None, ge=1, le=config.max_candidates)
+        top_n: Annotated[int, Field(ge=1, le=config.max_candidates), Integral] | None = None
 
         @model_validator(mode="after")
         def _user_or_history(self) -> Any:
@@ -100,7 +117,7 @@ def request_models(config: ServiceConfig) -> dict[str, type[BaseModel]]:
         model_config = strict
         user_id: ExternalId
         item_id: ExternalId
-        timestamp: int | None = Field(None, ge=0, description="seconds since the epoch (default: now)")
+        timestamp: Annotated[int, Field(ge=0, le=MAX_SAFE_INT), Integral] | None = Field(None, description="seconds since the epoch (default: now)")
 
     return {"recommend": RecommendRequest, "rerank": RerankRequest, "events": EventRequest}
 
@@ -243,8 +260,10 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        thread = threading.Thread(target=prepare, name="shortlist-warm-up", daemon=True)
-        thread.start()
+        if loaded_here or config.warm_up:  # loading and warming take a while: /readyz says 503 meanwhile
+            threading.Thread(target=prepare, name="shortlist-warm-up", daemon=True).start()
+        else:  # a loaded model, no warm-up: start, replay and check it now (ready once the app serves)
+            prepare()
         try:
             yield
         finally:
@@ -252,9 +271,11 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
                 state.reloader.stop()
             if state.event_log is not None:
                 state.event_log.close()
+            state.ready.clear()
+            state.status = "stopped"
             state.slot.close()  # only a recommender the app loaded (one passed in belongs to the caller)
 
-    app = FastAPI(title="shortlist", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="shortlist", version="0.1.0", lifespan=lifespan, responses=_COMMON_RESPONSES,
                   description="Two-stage recommender: retrieval + budgeted cross-encoder reranking")
     app.state.shortlist = state
     app.state.metrics = metrics
@@ -268,6 +289,13 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (bytes that are not text): a 422 too
+            return JSONResponse(status_code=422, content={"detail": [
+                {"loc": ["body"], "msg": "the body is not valid JSON text; send UTF-8 JSON", "type": "json_invalid"}]})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(ShortlistError)
     async def on_domain_error(request: Request, exc: ShortlistError) -> JSONResponse:
@@ -300,7 +328,9 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
         """Liveness: the process answers (in the event loop, never behind requests)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready yet (or loading failed)", "content": {
+        "application/json": {"schema": {"type": "object", "required": ["ready", "status"], "properties": {
+            "ready": {"type": "boolean"}, "status": {"type": "string"}}}}}}})
     async def readyz() -> JSONResponse:
         """Readiness: 200 once the models are loaded, warmed up and checked."""
         rec = state.slot.current
@@ -399,7 +429,9 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
             return {"user_id": body.user_id, "item_id": body.item_id, "history_length": length}
 
     # -- hot swap ----------------------------------------------------------------------------------
-    @app.post("/admin/reload", status_code=202)
+    @app.post("/admin/reload", status_code=202, responses={
+        200: _error("swapped (with ?wait=true)"), 403: _error("no API key configured: admin is off"),
+        409: _error("refused, busy, or not reloadable")})
     def admin_reload(request: Request, wait: Annotated[bool, Query(description="answer when it is done")] = False
                      ) -> JSONResponse:
         """Load the newest version in the background, check and warm it, and switch atomically (in-flight
@@ -426,7 +458,7 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
             return state.catalogue
 
     @app.get("/users/{user_id}/history", response_model=UserHistory)
-    def user_history(user_id: Annotated[int, Path(ge=-(2**63), le=2**63 - 1, description="external user id")],
+    def user_history(user_id: Annotated[int, Path(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT, description="external user id")],
                      request: Request,
                      limit: Annotated[int, Query(ge=1, le=config.max_history,
                                                  description="most recent items returned")] = 20) -> UserHistory:
@@ -456,6 +488,21 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
         return Response(asset(name), media_type=ASSETS[name], headers=_page_headers())
 
     return app
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
+
+
+#: What the front door (:mod:`pipeline.guard`) and the error handlers may answer on any operation.
+_COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _error("missing or wrong API key (when one is configured)"),
+    408: _error("the request body did not arrive within body_timeout_s"),
+    413: _error("request body over max_body_bytes"),
+    415: _error("a body that is not JSON"),
+    503: _error("overloaded (shed, with Retry-After), not ready yet, or unavailable"),
+}
 
 
 def _page_headers() -> dict[str, str]:
