@@ -117,6 +117,7 @@ def test_the_api_conforms_to_its_spec(api_schema, session, method, path, mode):
 
     run()
     assert CASES.get(label, 0) >= 1
+    print(f"fuzz {label}: {CASES[label]} cases")  # shown with -s
 
 
 # ---- hypothesis: the request models -----------------------------------------------------------------
