@@ -77,7 +77,7 @@ def test_a_reload_under_load_loses_no_request_and_serves_whole_versions(tiny, tm
     new_user = 10**12
     item = int(tiny["split"].items.ids[3])
     config = ServiceConfig(warm_up=True, watch_latest_s=0, events=EventLogConfig(path=str(tmp_path / "ev.log")))
-    answers: list[tuple[int, int, str | None, list[int]]] = []
+    answers: list[tuple[int, int, str | None, list[int], float]] = []  # (status, user, version, items, sent)
     stop = threading.Event()
     with TestClient(create_app(load, config, reload=load, version=lambda: latest_version(root))) as client:
         wait_ready(client)
@@ -87,11 +87,12 @@ def test_a_reload_under_load_loses_no_request_and_serves_whole_versions(tiny, tm
             n = offset
             while not stop.is_set():
                 user = users[n % len(users)]
+                sent = time.perf_counter()
                 response = client.post("/recommend", json={"user_id": user, "k": 5, "budget_ms": 10_000},
                                        headers=KEY)
                 items = [i["item_id"] for i in response.json().get("items", [])] if response.status_code == 200 \
                     else []
-                answers.append((response.status_code, user, response.headers.get("x-model-version"), items))
+                answers.append((response.status_code, user, response.headers.get("x-model-version"), items, sent))
                 n += 1
 
         threads = [threading.Thread(target=hammer, args=(i,)) for i in range(3)]
@@ -99,7 +100,9 @@ def test_a_reload_under_load_loses_no_request_and_serves_whole_versions(tiny, tm
             thread.start()
         time.sleep(0.3)
         (root / LATEST).write_text("v2\n")
+        asked = time.perf_counter()
         result = client.post("/admin/reload", params={"wait": True}, headers=KEY)
+        swapped = time.perf_counter()
         switched_at = len(answers)
         deadline = time.monotonic() + 30
         while len(answers) < switched_at + 9 and time.monotonic() < deadline:
@@ -119,12 +122,14 @@ def test_a_reload_under_load_loses_no_request_and_serves_whole_versions(tiny, tm
 
     assert switched_at >= 3 and len(answers) >= switched_at + 9
     assert {status for status, *_ in answers} == {200}, "a request was lost or refused during the swap"
-    versions = [version for _, _, version, _ in answers]
-    assert set(versions) == {"tiny", "v2"} and "v2" not in versions[:3]
-    assert set(versions[switched_at + 3:]) == {"v2"}
+    versions = [version for _, _, version, _, _ in answers]
+    assert set(versions) == {"tiny", "v2"}
+    assert {version for *_, version, _, sent in answers if sent < asked} == {"tiny"}  # before the reload
+    after = [version for *_, version, _, sent in answers if sent > swapped]
+    assert len(after) >= 3 and set(after) == {"v2"}  # every request sent after the switch: the new model
     expected = expected_lists(tiny, users, 5)
     assert sum(expected["tiny"][u] != expected["v2"][u] for u in users) >= len(users) // 2  # versions differ
-    for _, user, version, items in answers:  # never half-loaded: each answer is exactly one version's
+    for _, user, version, items, _ in answers:  # never half-loaded: each answer is exactly one version's
         assert items == expected[version][user], (user, version)
 
 
