@@ -114,7 +114,16 @@ def read_manifest(folder: str | Path, kind: str | None = None) -> dict[str, Any]
             f"{folder}: manifest kind is {manifest.get('kind')!r}, expected {kind!r}; "
             "pass the folder that holds that kind of artifact"
         )
-    for name, expected in manifest.get("files", {}).items():
+    # -- issue 14: an empty or missing checksum list, or a path outside the folder, is refused --------
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{path}: no checksums (\"files\" is missing or empty), so the folder cannot be "
+                            "verified; refused; re-create the artifact")
+    for name in files:
+        if not isinstance(name, str) or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+            raise ArtifactError(f"{path}: lists {name!r}, a path outside the folder; refused; re-create the artifact")
+    # -- end issue 14 ----------------------------------------------------------------------------------
+    for name, expected in files.items():
         file = folder / name
         if not file.is_file():
             raise ArtifactError(f"{folder}: manifest lists {name} but it is missing; re-create the artifact")

@@ -45,7 +45,14 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed, threads=args.threads,
             index=IndexConfig(factory=args.index, search_params=args.search_params, threads=args.threads),
         )
-    result = train(config)
+    data = None
+    if getattr(args, "events", None):  # issue 14: fold the service's event log into this training run
+        from pipeline.event_log import fold_events
+
+        data = fold_events(config.load_data(), args.events)
+        print(f"Folded {data.meta['events']['events']} events from {args.events} "
+              f"({data.meta['events']['dropped']} for unknown items dropped)")
+    result = train(config, data=data)
     print("\n## Dataset after the protocol's filters\n")
     print(markdown_table([result.split_stats], ["users", "items", "interactions", "train", "val", "test"]))
     for name, tuning in result.tuning.items():
@@ -282,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--config", default=None, help="a TrainConfig JSON file (overrides the flags)")
+    p.add_argument("--events", default=None, metavar="FILE",  # issue 14
+                   help="fold the event log `shortlist serve --event-log FILE` wrote into the training data")
     artifacts_arg(p)
     p.set_defaults(func=_train)
 

@@ -43,12 +43,22 @@ def load_retriever_and_items(artifact: str | Path) -> tuple[Any, Any, dict[str, 
         raise ArtifactError(f"{folder}: no such folder; pass a pipeline artifact (`shortlist train` writes "
                             "artifacts/LATEST) or a saved retriever folder")
     if (folder / "manifest.json").is_file() and read_manifest(folder).get("kind") != ARTIFACT_KIND:
+        from data.errors import ShortlistError
+        from data.integrity import check_readable
         from retrieval.registry import load_retriever
 
-        return load_retriever(folder), None, info
+        check_readable(folder, fix="re-save the retriever")
+        try:
+            return load_retriever(folder), None, info
+        except ShortlistError:
+            raise
+        except Exception as exc:  # a library's complaint about bytes that passed the checks
+            raise ArtifactError(f"{folder}: the retriever cannot be loaded ({type(exc).__name__}: {exc}); "
+                                "re-save it") from exc
     if (folder / "manifest.json").is_file() or (folder / LATEST).is_file():
         loaded = load_artifact(folder)
-        info.update(version=loaded.manifest.get("version"), model=loaded.manifest.get("model"))
+        info.update(version=loaded.manifest.get("version"), model=loaded.manifest.get("model"),
+                    events_folded=(loaded.manifest.get("data") or {}).get("events"))
         return loaded.retriever, loaded.items, info
     raise ArtifactError(f"{folder}: neither an artifact folder, an artifacts root with {LATEST}, nor a "
                         "retriever folder; run `shortlist train` first")
@@ -61,9 +71,7 @@ def load_parts(artifact: str | Path, ranker: str | Path | None = None, *, blend:
     retriever, items, info = load_retriever_and_items(artifact)
     model = None
     if ranker is not None:
-        from ranking.loading import load_ranker
-
-        model = load_ranker(ranker, load_tokenizer=False)
+        model = _load_ranker_checked(ranker)
         if backend != "torch":
             if not hasattr(model, "with_backend"):
                 raise ConfigError(f"backend {backend!r} needs the ranker's with_backend; use 'torch'")
@@ -86,6 +94,25 @@ def load_parts(artifact: str | Path, ranker: str | Path | None = None, *, blend:
             latency_model.check_ranker(model, source=latency)
         info["latency"] = str(latency)
     return ServingParts(retriever, model, fitted_blend, latency_model, items, info)
+
+
+def _load_ranker_checked(folder: str | Path) -> Any:
+    """:func:`ranking.loading.load_ranker` after opening every file its manifest lists, with any library
+    error turned into an :class:`~data.errors.ArtifactError` naming the folder."""
+    from data.errors import ShortlistError
+    from data.integrity import check_readable
+    from data.io import read_manifest
+    from ranking.loading import load_ranker
+
+    fix = "re-create it with `shortlist train-ranker` (or pass another --ranker)"
+    manifest = read_manifest(folder)
+    check_readable(folder, list(manifest["files"]), fix=fix)
+    try:
+        return load_ranker(folder, load_tokenizer=False)
+    except ShortlistError:
+        raise
+    except Exception as exc:  # a library's complaint about bytes that passed the checks
+        raise ArtifactError(f"{folder}: the ranker cannot be loaded ({type(exc).__name__}: {exc}); {fix}") from exc
 
 
 def check_vocabulary(retriever: Any, ranker: Any) -> None:

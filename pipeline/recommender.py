@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -139,7 +140,8 @@ class Recommender:
         if ranker is not None:
             check_vocabulary(retriever, ranker)
             self._candidate_tokens = np.asarray(ranker.candidate_lengths(), dtype=np.float64)
-        self._observed: dict[int, list[tuple[int, int]]] = {}
+        self._observed: OrderedDict[int, list[tuple[int, int]]] = OrderedDict()  # least recently changed first
+        self.evicted_users = 0  # users dropped from memory at config.max_observed_users
         self._lock = threading.Lock()
         self.explainer = Explainer.from_retriever(retriever)
         self.batcher: MicroBatcher | None = None
@@ -253,7 +255,8 @@ class Recommender:
         """Append an event to a user's history (known or new user); returns the history's new length.
 
         The next :meth:`recommend` reflects it at once (see the module docstring). Events are kept in
-        ``ts`` order; raises :class:`~data.errors.UnknownIdError` for an item outside the catalogue."""
+        ``ts`` order, at most ``config.max_observed`` per user and ``config.max_observed_users`` users (the
+        least recently changed user is dropped from memory first); raises :class:`~data.errors.UnknownIdError` for an item outside the catalogue."""
         if not _is_user_id(user_id):
             raise DataValidationError(f"observe: user_id must be an integer id, got {user_id!r}")
         if not _is_user_id(item_id) or item_id not in self.retriever.items:
@@ -262,10 +265,19 @@ class Recommender:
         stamp = int(ts) if ts is not None else int(time.time())
         with self._lock:
             events = self._observed.setdefault(int(user_id), [])
+            self._observed.move_to_end(int(user_id))
             bisect.insort(events, (stamp, int(item_id)), key=lambda e: e[0])
             if len(events) > self.config.max_observed:
                 del events[: len(events) - self.config.max_observed]
+            while len(self._observed) > self.config.max_observed_users:
+                self._observed.popitem(last=False)
+                self.evicted_users += 1
         return int(self.history(int(user_id)).size)
+
+    @property
+    def observed_users(self) -> int:
+        """Users whose real-time events are held in memory."""
+        return len(self._observed)
 
     def observed(self, user_id: int) -> bool:
         with self._lock:

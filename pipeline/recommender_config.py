@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data.config import JsonConfig, require
+from pipeline.event_log import EventLogConfig
 
 
 def _positive_int(obj: object, *names: str, minimum: int = 1) -> None:
@@ -59,6 +60,11 @@ class RecommenderConfig(JsonConfig):
         explain_history: most recent history items considered for explanations.
         max_k: the largest ``k`` a request may ask for.
         max_observed: most real-time events kept per user (the oldest observed events are dropped first).
+        max_observed_users: most users whose real-time events one process holds in memory (known and new
+            users alike). At the cap, the user whose events changed least recently is dropped from memory
+            (counted in :attr:`~pipeline.recommender.Recommender.evicted_users`): their next requests use
+            the stored history only. Nothing is lost for good when the service writes an event log: the
+            events stay there and reach the model at the next ``shortlist train --events``.
         calibrate: at warm-up, measure the reranker's latency when no latency model was given.
         warm_up_users: users (or histories) recommended for at warm-up.
         threads: torch threads of every model while serving (and FAISS OpenMP threads); 0 leaves them.
@@ -77,13 +83,15 @@ class RecommenderConfig(JsonConfig):
     explain_history: int = 50
     max_k: int = 100
     max_observed: int = 1000
+    max_observed_users: int = 100_000
     calibrate: bool = True
     warm_up_users: int = 8
     threads: int = 1
     microbatch: MicroBatchConfig = field(default_factory=MicroBatchConfig)
 
     def __post_init__(self) -> None:
-        _positive_int(self, "retrieve_k", "max_m", "min_m", "max_k", "max_observed", "explain_history")
+        _positive_int(self, "retrieve_k", "max_m", "min_m", "max_k", "max_observed", "explain_history",
+                      "max_observed_users")
         _positive_int(self, "explain_top_n", "warm_up_users", "threads", minimum=0)
         require(self.min_m <= self.max_m, f"RecommenderConfig.min_m ({self.min_m}) must be <= max_m ({self.max_m})")
         require(self.budget_ms > 0, f"RecommenderConfig.budget_ms must be > 0, got {self.budget_ms}")
@@ -108,6 +116,12 @@ class ServiceConfig(JsonConfig):
         rerank_timeout_ms: how long ``POST /rerank`` waits for the reranker before answering 503.
         retry_after_s: the ``Retry-After`` header of a shed request, in seconds.
         warm_up: warm the models up (and calibrate latency) before ``/readyz`` reports ready.
+        body_timeout_s: the whole request body must arrive within this many seconds of the headers, else
+            408 (a slow client never holds an in-flight slot: the body is read before one is taken).
+        events: the durable event log of ``POST /events`` (:class:`~pipeline.event_log.EventLogConfig`;
+            no ``path``: events are kept in memory only).
+        watch_latest_s: when serving an artifacts root, poll its ``LATEST`` this often and hot-swap to a
+            new version (0: only ``POST /admin/reload`` swaps).
     """
 
     api_key_env: str = "SHORTLIST_API_KEY"
@@ -121,10 +135,16 @@ class ServiceConfig(JsonConfig):
     rerank_timeout_ms: float = 2_000.0
     retry_after_s: int = 1
     warm_up: bool = True
+    body_timeout_s: float = 10.0
+    events: EventLogConfig = field(default_factory=EventLogConfig)
+    watch_latest_s: float = 5.0
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_k", "max_candidates", "max_history", "max_body_bytes", "max_in_flight",
                       "retry_after_s")
+        require(0 < self.body_timeout_s <= 3600, f"ServiceConfig.body_timeout_s must be in (0, 3600], "
+                                                 f"got {self.body_timeout_s}")
+        require(self.watch_latest_s >= 0, f"ServiceConfig.watch_latest_s must be >= 0, got {self.watch_latest_s}")
         require(self.max_budget_ms > 0 and self.rerank_timeout_ms > 0,
                 "ServiceConfig.max_budget_ms and rerank_timeout_ms must be > 0")
         require(isinstance(self.api_key_env, str) and self.api_key_env != "",

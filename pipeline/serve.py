@@ -77,6 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="a RecommenderConfig JSON file (flags override it)")
     parser.add_argument("--service-config", default=None, help="a ServiceConfig JSON file (flags override it)")
     parser.add_argument("--no-warm-up", action="store_true", help="report ready without warming up")
+    parser.add_argument("--event-log", default=None, metavar="FILE",
+                        help="append POST /events to FILE before answering, replay it at start-up (default: "
+                             "events in memory only)")
+    parser.add_argument("--fsync", default=None, choices=("batch", "interval", "always", "never"),
+                        help="event log fsync policy (default batch: group commit before each answer)")
+    parser.add_argument("--body-timeout-s", type=float, default=None,
+                        help="a request body must arrive within this many seconds (else 408)")
+    parser.add_argument("--watch-latest-s", type=float, default=None,
+                        help="poll the artifacts root's LATEST this often and hot-swap (0: off)")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level")
 
 
@@ -98,28 +107,45 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         rec_changes["min_m"] = rec_changes["max_m"]
     rec = dataclasses.replace(rec, microbatch=dataclasses.replace(batch, **batch_changes), **rec_changes)
     svc_changes = {k: v for k, v in {"max_in_flight": args.max_in_flight,
-                                     "warm_up": False if args.no_warm_up else None}.items() if v is not None}
+                                     "warm_up": False if args.no_warm_up else None,
+                                     "body_timeout_s": getattr(args, "body_timeout_s", None),
+                                     "watch_latest_s": getattr(args, "watch_latest_s", None)}.items()
+                   if v is not None}
+    event_changes = {k: v for k, v in {"path": getattr(args, "event_log", None),
+                                       "fsync": getattr(args, "fsync", None)}.items() if v is not None}
+    if event_changes:
+        svc_changes["events"] = dataclasses.replace(svc.events, **event_changes)
     return rec, dataclasses.replace(svc, **svc_changes)
 
 
 def build_app(args: argparse.Namespace) -> Any:
     """Load and verify the recommender (errors surface here, before the port opens) and wrap it in the app."""
+    from pathlib import Path
+
+    from pipeline.artifacts import LATEST, latest_version
     from pipeline.recommender import Recommender
     from pipeline.service import create_app
 
     rec_config, svc_config = configs_from_args(args)
-    ranker = args.ranker
-    if ranker == "auto":
-        from pipeline.evaluate import resolve_ranker
 
-        ranker = resolve_ranker("auto", args.artifacts)
-        if ranker is None:
-            raise ArtifactError(f"--ranker auto: no ranker trained for {args.artifacts}; run `shortlist "
-                                "train-ranker --artifacts ...` first, or serve without --ranker")
-    recommender = Recommender.load(args.artifacts, ranker, blend=args.blend, latency=args.latency,
-                                   config=rec_config, backend=args.backend)
-    recommender.set_threads(max(1, args.threads))
-    return create_app(recommender, svc_config)
+    def load() -> Recommender:
+        ranker = args.ranker
+        if ranker == "auto":
+            from pipeline.evaluate import resolve_ranker
+
+            ranker = resolve_ranker("auto", args.artifacts)
+            if ranker is None:
+                raise ArtifactError(f"--ranker auto: no ranker trained for {args.artifacts}; run `shortlist "
+                                    "train-ranker --artifacts ...` first, or serve without --ranker")
+        loaded = Recommender.load(args.artifacts, ranker, blend=args.blend, latency=args.latency,
+                                  config=rec_config, backend=args.backend)
+        loaded.set_threads(max(1, args.threads))
+        return loaded
+
+    recommender = load()
+    root = Path(args.artifacts)
+    watch = (lambda: latest_version(root)) if (root / LATEST).is_file() else None
+    return create_app(recommender, svc_config, reload=load, version=watch, owned=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,20 +25,22 @@ unexpected error answers 503, never a bare 500.
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime, and
 # the request models are local to request_models().
-import hmac
-import json
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data.errors import (
     BudgetExceededError,
@@ -48,32 +50,46 @@ from data.errors import (
     ShortlistError,
     UnknownIdError,
 )
+from pipeline.event_log import EventLog, folded_offset
 from pipeline.explorer import ASSETS, CSP, PAGE, PUBLIC_PATHS, ItemCatalogue, ItemSearch, UserHistory, asset
+from pipeline.guard import Guard, mark
+from pipeline.hot_swap import ModelSlot, Reloader, SharedLock, smoke_check
 from pipeline.recommender import STAGES, Recommender
 from pipeline.recommender_config import ServiceConfig
+from pipeline.service_metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-#: Histogram buckets of the latency metrics, in seconds (1 ms .. 2.5 s).
-BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.15, 0.25,
-           0.5, 1.0, 2.5)
-
-
 # ---- request models --------------------------------------------------------------------------------
-#: A user or item id: any int64 (a larger JSON integer is a 422, not an overflow later).
-ExternalId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+def _integral(value: Any) -> Any:
+    """A JSON number with no fraction (``100.0``) is an integer in JSON Schema: take it as one."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: An integer field: strict (no strings, no booleans) but ``100.0`` counts, as JSON Schema says.
+Integral = BeforeValidator(_integral)
+#: The largest integer every JSON parser reads exactly (RFC 7493, I-JSON): ids and timestamps stay within
+#: it, so the limits the spec publishes are the ones the server enforces, whatever the client's numbers
+#: are (2**63 - 1 has no exact double: a client sending it as one sends 2**63, which no int64 holds).
+MAX_SAFE_INT = 2**53 - 1
+#: A user or item id (a larger JSON integer is a 422, not an overflow later).
+ExternalId = Annotated[int, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT), Integral]
 
 
 def request_models(config: ServiceConfig) -> dict[str, type[BaseModel]]:
     """Pydantic request models with the limits of ``config`` (strict types, unknown fields rejected)."""
     strict = ConfigDict(extra="forbid", strict=True)
+    # the spec says what _one_of checks: a non-null user_id or a history
+    one_of = ConfigDict(extra="forbid", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["user_id"], "properties": {"user_id": {"type": "integer"}}},
+        {"required": ["history"], "properties": {"history": {"type": "array"}}}]})
 
     class RecommendRequest(BaseModel):
-        model_config = strict
+        model_config = one_of
         user_id: ExternalId | None = Field(None, description="external user id; unknown users get popular items")
         history: list[ExternalId] | None = Field(None, max_length=config.max_history,
                                           description="item ids, oldest first; replaces the user's history")
-        k: int = Field(10, ge=1, le=config.max_k)
+        k: Annotated[int, Field(ge=1, le=config.max_k), Integral] = 10
         budget_ms: float | None = Field(None, gt=0, le=config.max_budget_ms)
         exclude_seen: bool = True
         allow: list[ExternalId] | None = Field(None, max_length=config.max_candidates)
@@ -87,11 +103,11 @@ def request_models(config: ServiceConfig) -> dict[str, type[BaseModel]]:
             return _one_of(self)
 
     class RerankRequest(BaseModel):
-        model_config = strict
+        model_config = one_of
         user_id: ExternalId | None = None
         history: list[ExternalId] | None = Field(None, max_length=config.max_history)
         candidates: list[ExternalId] = Field(..., min_length=1, max_length=config.max_candidates)
-        top_n: int | None = Field(None, ge=1, le=config.max_candidates)
+        top_n: Annotated[int, Field(ge=1, le=config.max_candidates), Integral] | None = None
 
         @model_validator(mode="after")
         def _user_or_history(self) -> Any:
@@ -101,7 +117,7 @@ def request_models(config: ServiceConfig) -> dict[str, type[BaseModel]]:
         model_config = strict
         user_id: ExternalId
         item_id: ExternalId
-        timestamp: int | None = Field(None, ge=0, description="seconds since the epoch (default: now)")
+        timestamp: Annotated[int, Field(ge=0, le=MAX_SAFE_INT), Integral] | None = Field(None, description="seconds since the epoch (default: now)")
 
     return {"recommend": RecommendRequest, "rerank": RerankRequest, "events": EventRequest}
 
@@ -118,62 +134,54 @@ def field_error(field: str, message: str, kind: str = "value_error") -> JSONResp
                                                               "type": kind}]})
 
 
-# ---- metrics ---------------------------------------------------------------------------------------
-class Metrics:
-    """The service's Prometheus metrics, in their own registry (several apps can live in one process)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("shortlist_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("shortlist_request_latency_seconds", "Request latency by endpoint",
-                                 ["endpoint"], buckets=BUCKETS, registry=self.registry)
-        self.stage = Histogram("shortlist_stage_latency_seconds", "Latency of each /recommend stage",
-                               ["stage"], buckets=BUCKETS, registry=self.registry)
-        self.degraded = Counter("shortlist_degraded_responses", "Responses that kept the retrieval order",
-                                ["reason"], registry=self.registry)
-        self.paths = Counter("shortlist_recommend_paths", "Responses by path", ["path"], registry=self.registry)
-        self.reranked_m = Histogram("shortlist_reranked_m", "Shortlist size M of reranked responses",
-                                    buckets=(1, 5, 10, 20, 30, 50, 75, 100, 200), registry=self.registry)
-        self.shed = Counter("shortlist_shed_requests", "Requests refused because of overload", ["reason"],
-                            registry=self.registry)
-        self.queue_depth = Gauge("shortlist_queue_depth", "Rerank jobs waiting for the micro-batcher",
-                                 registry=self.registry)
-        self.in_flight = Gauge("shortlist_in_flight_requests", "Requests being handled", registry=self.registry)
-        self.batch_size = Histogram("shortlist_rerank_batch_jobs", "Jobs per micro-batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.batch_seconds = Histogram("shortlist_rerank_batch_seconds", "Scoring time of a micro-batch",
-                                       buckets=BUCKETS, registry=self.registry)
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
-
 # ---- the app ---------------------------------------------------------------------------------------
 class _State:
-    """What the endpoints share: the recommender once loaded, readiness, the in-flight count."""
+    """What the endpoints share: the model slot, readiness, the in-flight count, the event log."""
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
-        self.recommender: Recommender | None = None
+        self.slot = ModelSlot()
         self.catalogue: ItemCatalogue | None = None
         self.ready = threading.Event()
         self.status = "starting"
         self.in_flight = 0
         self.lock = threading.Lock()
+        self.events_lock = SharedLock()
+        self.event_log: EventLog | None = None
+        self.replayed_to = 0  # byte offset of the log the serving recommender has seen
+        self.reloader: Reloader | None = None
+
+    @property
+    def recommender(self) -> Recommender | None:
+        return self.slot.current
 
 
-def create_app(recommender: Recommender | Callable[[], Recommender], config: ServiceConfig | None = None) -> FastAPI:
+#: ``info`` keys of a recommender that hold file paths: ``/readyz`` shows only their last part.
+_PATH_KEYS = ("artifact", "ranker", "blend", "latency")
+
+
+def public_description(rec: Recommender) -> dict[str, Any]:
+    """:meth:`Recommender.describe` without file-system paths (``/readyz`` is open to anyone)."""
+    described = rec.describe()
+    for key in _PATH_KEYS:
+        if described.get(key):
+            described[key] = PurePath(str(described[key])).name
+    described.pop("events_folded", None)
+    return described
+
+
+def create_app(recommender: Recommender | Callable[[], Recommender], config: ServiceConfig | None = None, *,
+               reload: Callable[[], Recommender] | None = None,
+               version: Callable[[], str | None] | None = None, owned: bool = False) -> FastAPI:
     """The FastAPI app serving ``recommender`` (or the recommender a loader callable returns).
 
-    At start-up a background thread loads (when given a loader) and warms up the recommender; ``/readyz``
-    answers 503 until that is done, and ``/recommend`` and ``/rerank`` answer 503 meanwhile. At shutdown the
-    app closes the recommender only when it loaded it. The API key is read from ``config.api_key_env``
-    once, here.
+    At start-up a background thread loads (when given a loader), replays the event log
+    (``config.events.path``), warms up the recommender and checks it; ``/readyz`` answers 503 until that is
+    done, and the model endpoints answer 503 meanwhile. ``reload`` (a loader of the newest version) enables
+    ``POST /admin/reload``; with ``version`` (what ``LATEST`` names) and ``config.watch_latest_s`` a changed
+    ``LATEST`` hot-swaps too (:mod:`pipeline.hot_swap`). At shutdown the app closes the event log and the
+    recommenders it loaded (or was handed with ``owned=True``). The API key is read from
+    ``config.api_key_env`` once, here.
     """
     config = config or ServiceConfig()
     state = _State(config)
@@ -183,46 +191,98 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
     RecommendRequest, RerankRequest, EventRequest = models["recommend"], models["rerank"], models["events"]
     loaded_here = callable(recommender) and not isinstance(recommender, Recommender)
 
-    def prepare() -> None:
-        try:
-            state.status = "loading"
-            rec = recommender() if loaded_here else recommender
-            state.recommender = rec
-            state.catalogue = ItemCatalogue(rec)
-            rec.start()
-            if rec.batcher is not None:
-                rec.batcher.on_batch = observe_batch
-                metrics.queue_depth.set_function(lambda: rec.batcher.queue_depth)
-            if config.warm_up:
-                state.status = "warming up"
-                rec.warm_up()
-            state.status = "ready"
-            state.ready.set()
-        except Exception as exc:  # reported by /readyz, the process keeps serving probes
-            state.status = f"failed: {type(exc).__name__}: {exc}"
-            log.exception("the recommender could not be loaded or warmed up")
-
     def observe_batch(jobs: int, candidates: int, seconds: float) -> None:
         metrics.batch_size.observe(jobs)
         metrics.batch_seconds.observe(seconds)
 
+    def replay(rec: Recommender, start: int) -> int:
+        """Feed the log's events from byte ``start`` into ``rec``; returns the offset reached."""
+        end = start
+        if state.event_log is None:
+            return end
+        skipped = 0
+        for end, (user, item, stamp) in state.event_log.events(start):
+            if rec.unknown_items([item]):
+                skipped += 1
+                continue
+            rec.observe(user, item, stamp)
+        if skipped:
+            log.warning("event replay: %d events for items outside this model's catalogue skipped", skipped)
+        return end
+
+    def prepare_model(rec: Recommender) -> None:
+        """Start, replay, warm up and check ``rec`` (not yet served)."""
+        rec.start()
+        if rec.batcher is not None:
+            rec.batcher.on_batch = observe_batch
+        if state.event_log is not None and config.events.replay:
+            rec._replay_offset = replay(rec, folded_offset(state.event_log.path, rec.info.get("events_folded")))
+        if config.warm_up:
+            state.status = "warming up" if not state.ready.is_set() else state.status
+            rec.warm_up()
+        smoke_check(rec)
+
+    def activate(rec: Recommender, owned: bool = True) -> None:
+        """Switch to ``rec``: under the event lock, replay what arrived since its replay, then install."""
+        with state.events_lock.exclusive():
+            if state.event_log is not None and config.events.replay:
+                state.replayed_to = replay(rec, getattr(rec, "_replay_offset", 0))
+            state.slot.install(rec, owned=owned)
+            state.catalogue = ItemCatalogue(rec)
+        if rec.batcher is not None:
+            metrics.queue_depth.set_function(lambda: state.slot.current.batcher.queue_depth
+                                             if state.slot.current is not None and state.slot.current.batcher
+                                             else 0)
+        metrics.observed_users.set_function(lambda: state.slot.current.observed_users
+                                            if state.slot.current is not None else 0)
+        metrics.evicted_users.set_function(lambda: state.slot.current.evicted_users
+                                           if state.slot.current is not None else 0)
+
+    def prepare() -> None:
+        try:
+            if config.events.path:
+                state.event_log = EventLog(config.events.path, config.events)
+            state.status = "loading"
+            rec = recommender() if loaded_here else recommender
+            prepare_model(rec)
+            activate(rec, owned=loaded_here or owned)
+            state.status = "ready"
+            state.ready.set()
+            if state.reloader is not None:
+                state.reloader.watch(config.watch_latest_s)
+        except Exception as exc:  # reported by /readyz, the process keeps serving probes
+            state.status = f"failed: {type(exc).__name__}: {exc}"
+            log.exception("the recommender could not be loaded or warmed up")
+
+    if reload is not None:
+        state.reloader = Reloader(reload, prepare_model, activate, version=version,
+                                  on_result=lambda r: metrics.reloads.labels(r["status"]).inc())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        thread = threading.Thread(target=prepare, name="shortlist-warm-up", daemon=True)
-        thread.start()
+        if loaded_here or config.warm_up:  # loading and warming take a while: /readyz says 503 meanwhile
+            threading.Thread(target=prepare, name="shortlist-warm-up", daemon=True).start()
+        else:  # a loaded model, no warm-up: start, replay and check it now (ready once the app serves)
+            prepare()
         try:
             yield
         finally:
-            if state.recommender is not None and loaded_here:
-                state.recommender.close()  # a recommender passed in belongs to the caller, who closes it
+            if state.reloader is not None:
+                state.reloader.stop()
+            if state.event_log is not None:
+                state.event_log.close()
+            state.ready.clear()
+            state.status = "stopped"
+            state.slot.close()  # only a recommender the app loaded (one passed in belongs to the caller)
 
-    app = FastAPI(title="shortlist", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="shortlist", version="0.1.0", lifespan=lifespan, responses=_COMMON_RESPONSES,
                   description="Two-stage recommender: retrieval + budgeted cross-encoder reranking")
     app.state.shortlist = state
     app.state.metrics = metrics
 
-    # -- middleware (pure ASGI: body limit, auth, shedding, error guard) --------------------------
-    app.add_middleware(_Guard, state=state, metrics=metrics, api_key=api_key)
+    # -- middleware (pure ASGI: probes first, auth, media type, body limits and timeout, shedding) -----
+    app.add_middleware(Guard, state=state, metrics=metrics, api_key=api_key, public=PUBLIC_PATHS,
+                       endpoint_of=_endpoint_of)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -230,30 +290,60 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
                   for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": errors})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (bytes that are not text): a 422 too
+            return JSONResponse(status_code=422, content={"detail": [
+                {"loc": ["body"], "msg": "the body is not valid JSON text; send UTF-8 JSON", "type": "json_invalid"}]})
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(ShortlistError)
     async def on_domain_error(request: Request, exc: ShortlistError) -> JSONResponse:
-        return _domain_response(exc, config)
+        response = _domain_response(exc, config)
+        if response.status_code == 503:
+            mark(request.scope, "queue_full" if isinstance(exc, OverloadedError) else
+                 "rerank_timeout" if isinstance(exc, BudgetExceededError) else type(exc).__name__)
+        return response
 
-    def require_ready() -> Recommender:
-        if not state.ready.is_set() or state.recommender is None:
-            raise HTTPException(503, detail=f"not ready ({state.status}); retry after /readyz says ready",
-                                headers={"Retry-After": str(config.retry_after_s)})
-        return state.recommender
+    def unavailable(request: Request, reason: str, detail: str) -> HTTPException:
+        mark(request.scope, reason)
+        return HTTPException(503, detail=detail, headers={"Retry-After": str(config.retry_after_s)})
+
+    @contextlib.contextmanager
+    def serving(request: Request) -> Iterator[Recommender]:
+        """The recommender for this request, held until it is answered (a hot swap waits for it)."""
+        with state.slot.lease() as rec:
+            if not state.ready.is_set() or rec is None:
+                raise unavailable(request, "not_ready",
+                                  f"not ready ({state.status}); retry after /readyz says ready")
+            yield rec
+
+    def model_headers(rec: Recommender) -> dict[str, str]:
+        version_name = rec.info.get("version")
+        return {"X-Model-Version": str(version_name)} if version_name else {}
 
     # -- endpoints ---------------------------------------------------------------------------------
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        """Liveness: the process answers."""
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the process answers (in the event loop, never behind requests)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        """Readiness: 200 once the models are loaded and warmed up."""
-        if state.ready.is_set() and state.recommender is not None:
-            return JSONResponse({"ready": True, "status": state.status, "model": state.recommender.describe()})
+    @app.get("/readyz", responses={503: {"description": "not ready yet (or loading failed)", "content": {
+        "application/json": {"schema": {"type": "object", "required": ["ready", "status"], "properties": {
+            "ready": {"type": "boolean"}, "status": {"type": "string"}}}}}}})
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 once the models are loaded, warmed up and checked."""
+        rec = state.slot.current
+        if state.ready.is_set() and rec is not None:
+            body = {"ready": True, "status": state.status, "model": public_description(rec)}
+            if state.reloader is not None:
+                body["reload"] = state.reloader.last
+            return JSONResponse(body)
         return JSONResponse(status_code=503, content={"ready": False, "status": state.status})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     def prometheus_metrics() -> Response:
         """Prometheus text format."""
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -263,90 +353,127 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
     @app.post("/recommend")
     def recommend(body: RecommendRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
         """Top-k items for a user or a history, within ``budget_ms``."""
-        rec = require_ready()
-        started = request.scope.get("shortlist.started", time.perf_counter())
-        for name in ("history", "allow"):
-            unknown = rec.unknown_items(getattr(body, name)) if getattr(body, name) else []
-            if unknown:
-                return field_error(name, f"unknown item id(s) {unknown[:10]} (of {len(unknown)}); send catalogue "
-                                         f"items only", "unknown_id")
-        try:
-            result = rec.recommend(body.user_id, k=body.k, budget_ms=body.budget_ms, exclude_seen=body.exclude_seen,
-                                   allow=body.allow, deny=body.deny, history=body.history, explain=body.explain,
-                                   started=started, include_retrieval=body.include_retrieval)
-        except (DataValidationError, UnknownIdError, ConfigError):
-            raise
-        except Exception as exc:  # the retriever failed: popular items, marked degraded
-            log.exception("recommend failed; answering with popular items")
-            result = _emergency(rec, body, started, exc)
-        metrics.paths.labels(result.path).inc()
-        if result.degraded:
-            metrics.degraded.labels(result.degraded_reason or "unknown").inc()
-        if result.reranked_m:
-            metrics.reranked_m.observe(result.reranked_m)
-        for stage in STAGES:
-            if stage in result.timings_ms:
-                metrics.stage.labels(stage).observe(result.timings_ms[stage] / 1000)
-        return JSONResponse(result.to_dict())
+        with serving(request) as rec:
+            started = request.scope.get("shortlist.started", time.perf_counter())
+            for name in ("history", "allow"):
+                unknown = rec.unknown_items(getattr(body, name)) if getattr(body, name) else []
+                if unknown:
+                    return field_error(name, f"unknown item id(s) {unknown[:10]} (of {len(unknown)}); send "
+                                             "catalogue items only", "unknown_id")
+            try:
+                result = rec.recommend(body.user_id, k=body.k, budget_ms=body.budget_ms,
+                                       exclude_seen=body.exclude_seen, allow=body.allow, deny=body.deny,
+                                       history=body.history, explain=body.explain, started=started,
+                                       include_retrieval=body.include_retrieval)
+            except (DataValidationError, UnknownIdError, ConfigError):
+                raise
+            except Exception as exc:  # the retriever failed: popular items, marked degraded
+                log.exception("recommend failed; answering with popular items")
+                result = _emergency(rec, body, started, exc)
+            metrics.paths.labels(result.path).inc()
+            if result.degraded:
+                metrics.degraded.labels(result.degraded_reason or "unknown").inc()
+            if result.reranked_m:
+                metrics.reranked_m.observe(result.reranked_m)
+            for stage in STAGES:
+                if stage in result.timings_ms:
+                    metrics.stage.labels(stage).observe(result.timings_ms[stage] / 1000)
+            return JSONResponse(result.to_dict(), headers=model_headers(rec))
 
     @app.post("/rerank")
-    def rerank(body: RerankRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+    def rerank(body: RerankRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
         """Cross-encoder scores of ``candidates``: ``{"results": [{item_id, score, index}]}``, best first."""
-        rec = require_ready()
-        if rec.ranker is None:
-            raise HTTPException(503, detail="no reranker is loaded; start the service with --ranker")
-        unknown = [i for i in body.candidates if i not in rec.ranker.items]
-        if unknown:
-            return field_error("candidates", f"unknown item id(s) {unknown[:10]} (of {len(unknown)}); send "
-                                             "catalogue items only", "unknown_id")
-        if body.history is not None:
-            unknown = rec.unknown_items(body.history)
+        with serving(request) as rec:
+            if rec.ranker is None:
+                raise unavailable(request, "no_reranker", "no reranker is loaded; start the service with --ranker")
+            unknown = [i for i in body.candidates if i not in rec.ranker.items]
             if unknown:
-                return field_error("history", f"unknown item id(s) {unknown[:10]}; send catalogue items only",
-                                   "unknown_id")
-        who = body.history if body.history is not None else body.user_id
-        try:
-            results = rec.rerank(who, body.candidates, body.top_n, timeout_ms=config.rerank_timeout_ms)
-        except ShortlistError:
-            raise
-        except Exception as exc:
-            log.exception("rerank failed")
-            raise HTTPException(503, detail=f"the reranker failed ({type(exc).__name__}); retry later",
-                                headers={"Retry-After": str(config.retry_after_s)}) from exc
-        return {"results": results}
+                return field_error("candidates", f"unknown item id(s) {unknown[:10]} (of {len(unknown)}); send "
+                                                 "catalogue items only", "unknown_id")
+            if body.history is not None:
+                unknown = rec.unknown_items(body.history)
+                if unknown:
+                    return field_error("history", f"unknown item id(s) {unknown[:10]}; send catalogue items only",
+                                       "unknown_id")
+            who = body.history if body.history is not None else body.user_id
+            try:
+                results = rec.rerank(who, body.candidates, body.top_n, timeout_ms=config.rerank_timeout_ms)
+            except ShortlistError:
+                raise
+            except Exception as exc:
+                log.exception("rerank failed")
+                raise unavailable(request, "reranker_failed",
+                                  f"the reranker failed ({type(exc).__name__}); retry later") from exc
+            return JSONResponse({"results": results}, headers=model_headers(rec))
 
     @app.post("/events")
-    def events(body: EventRequest) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Append an interaction to a user's history; the next recommendation reflects it."""
-        rec = require_ready()
-        if rec.unknown_items([body.item_id]):
-            return field_error("item_id", f"unknown item id {body.item_id}; send events for catalogue items",
-                               "unknown_id")
-        length = rec.observe(body.user_id, body.item_id, body.timestamp)
-        return {"user_id": body.user_id, "item_id": body.item_id, "history_length": length}
+    def events(body: EventRequest, request: Request) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Append an interaction to a user's history; the next recommendation reflects it. With an event
+        log, the event is written to it (and fsynced as its policy says) before the answer."""
+        with serving(request) as rec:
+            if rec.unknown_items([body.item_id]):
+                return field_error("item_id", f"unknown item id {body.item_id}; send events for catalogue items",
+                                   "unknown_id")
+            stamp = body.timestamp if body.timestamp is not None else int(time.time())
+            with state.events_lock.shared():
+                current = state.slot.current  # a swap may have happened while this request waited
+                if state.event_log is not None:
+                    try:
+                        state.event_log.append(body.user_id, body.item_id, stamp)
+                    except OSError as exc:
+                        log.exception("the event log could not be written")
+                        raise unavailable(request, "event_log", f"the event could not be stored ({exc}); "
+                                                                "retry later") from exc
+                length = current.observe(body.user_id, body.item_id, stamp)
+            metrics.events.inc()
+            return {"user_id": body.user_id, "item_id": body.item_id, "history_length": length}
+
+    # -- hot swap ----------------------------------------------------------------------------------
+    @app.post("/admin/reload", status_code=202, responses={
+        200: _error("swapped (with ?wait=true)"), 403: _error("no API key configured: admin is off"),
+        409: _error("refused, busy, or not reloadable")})
+    def admin_reload(request: Request, wait: Annotated[bool, Query(description="answer when it is done")] = False
+                     ) -> JSONResponse:
+        """Load the newest version in the background, check and warm it, and switch atomically (in-flight
+        requests finish on the old one; a bad version is refused and the old one keeps serving). Needs the
+        API key: with none configured, this endpoint is off (403)."""
+        if not api_key:
+            return JSONResponse(status_code=403, content={"detail": f"admin endpoints need an API key: set "
+                                                                    f"${config.api_key_env} and restart"})
+        if state.reloader is None:
+            return JSONResponse(status_code=409, content={"detail": "this server was not started from an "
+                                                                    "artifact it can reload"})
+        if not state.ready.is_set():
+            raise unavailable(request, "not_ready", f"not ready ({state.status}); reload after /readyz says ready")
+        if not wait:
+            started = state.reloader.reload_in_background("POST /admin/reload")
+            return JSONResponse(status_code=202 if started else 409,
+                                content={"status": "reloading" if started else "busy"})
+        result = state.reloader.reload("POST /admin/reload")
+        return JSONResponse(status_code=200 if result["status"] == "swapped" else 409, content=result)
 
     # -- the explorer page and its lookups ---------------------------------------------------------
-    def catalogue() -> ItemCatalogue:
-        require_ready()
-        return state.catalogue
+    def catalogue(request: Request) -> ItemCatalogue:
+        with serving(request):
+            return state.catalogue
 
     @app.get("/users/{user_id}/history", response_model=UserHistory)
-    def user_history(user_id: Annotated[int, Path(ge=-(2**63), le=2**63 - 1, description="external user id")],
+    def user_history(user_id: Annotated[int, Path(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT, description="external user id")],
+                     request: Request,
                      limit: Annotated[int, Query(ge=1, le=config.max_history,
                                                  description="most recent items returned")] = 20) -> UserHistory:
         """The user's most recent items (stored history plus real-time events), newest first, with titles
         and genres; an unknown user has an empty history."""
-        return catalogue().history(user_id, limit)
+        return catalogue(request).history(user_id, limit)
 
     @app.get("/items/search", response_model=ItemSearch)
-    def search_items(q: Annotated[str, Query(min_length=1, max_length=100, description="part of a title, or an id")],
+    def search_items(request: Request,
+                     q: Annotated[str, Query(min_length=1, max_length=100, pattern=r"\S",
+                                             description="part of a title, or an id")],
                      limit: Annotated[int, Query(ge=1, le=config.max_k)] = 20) -> Any:
         """Catalogue items whose title contains ``q`` (case-insensitive; those starting with it first), after
         the item whose id is ``q``; ids only when the artifact has no item table."""
-        if not q.strip():
-            return JSONResponse(status_code=422, content={"detail": [
-                {"loc": ["query", "q"], "msg": "give some text to search titles for", "type": "value_error"}]})
-        return catalogue().search(q, limit)
+        return catalogue(request).search(q, limit)
 
     @app.get("/", include_in_schema=False)
     def explorer_page() -> Response:
@@ -361,6 +488,21 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
         return Response(asset(name), media_type=ASSETS[name], headers=_page_headers())
 
     return app
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
+
+
+#: What the front door (:mod:`pipeline.guard`) and the error handlers may answer on any operation.
+_COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _error("missing or wrong API key (when one is configured)"),
+    408: _error("the request body did not arrive within body_timeout_s"),
+    413: _error("request body over max_body_bytes"),
+    415: _error("a body that is not JSON"),
+    503: _error("overloaded (shed, with Retry-After), not ready yet, or unavailable"),
+}
 
 
 def _page_headers() -> dict[str, str]:
@@ -393,130 +535,16 @@ def _emergency(rec: Recommender, body: Any, started: float, exc: Exception) -> A
                           budget_ms=float(body.budget_ms or rec.config.budget_ms), user_id=body.user_id)
 
 
-_ENDPOINTS = ("/recommend", "/rerank", "/events", "/healthz", "/readyz", "/metrics", "/items/search", "/")
+_ENDPOINTS = ("/recommend", "/rerank", "/events", "/healthz", "/readyz", "/metrics", "/items/search", "/",
+              "/admin/reload")
 
 
-def _is_history(path: str) -> bool:
-    """Whether ``path`` is ``/users/<id>/history`` (one metrics label for every user)."""
+def _endpoint_of(path: str) -> str:
+    """The metrics label of ``path`` (one label for every user's history, "other" for unknown paths)."""
+    if path in _ENDPOINTS:
+        return path
     parts = path.split("/")
-    return len(parts) == 4 and parts[1] == "users" and parts[3] == "history"
+    return "/users/{id}/history" if len(parts) == 4 and parts[1] == "users" and parts[3] == "history" else "other"
 
 
-class _Guard:
-    """Pure ASGI middleware: request start time, bearer auth (401; probes and the explorer page's
-    :data:`~pipeline.explorer.PUBLIC_PATHS` are open), body size limit (413, the body is read here, at most
-    ``max_body_bytes``), in-flight shedding (503) and a last-resort guard that turns any escaped exception
-    into 503."""
-
-    def __init__(self, app: Any, *, state: _State, metrics: Metrics, api_key: str) -> None:
-        self.app = app
-        self.state = state
-        self.metrics = metrics
-        self.api_key = api_key.encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        config = self.state.config
-        started = time.perf_counter()
-        scope["shortlist.started"] = started
-        path = scope.get("path", "")
-        endpoint = path if path in _ENDPOINTS else "/users/{id}/history" if _is_history(path) else "other"
-        status_seen: list[int] = []
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status_seen.append(int(message["status"]))
-            await send(message)
-
-        async def reply(status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
-            body = json.dumps({"detail": detail}).encode()
-            raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-            await send_wrapper({"type": "http.response.start", "status": status, "headers": raw})
-            await send_wrapper({"type": "http.response.body", "body": body})
-
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        try:
-            public = path in config.open_paths or path in PUBLIC_PATHS
-            if self.api_key and not public and not self._authorized(headers):
-                await reply(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                            {"WWW-Authenticate": "Bearer"})
-                return
-            length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-                await reply(413, f"request body over {config.max_body_bytes} bytes; send fewer items")
-                return
-            with self.state.lock:
-                if self.state.in_flight >= config.max_in_flight:
-                    shed = True
-                else:
-                    shed = False
-                    self.state.in_flight += 1
-            if shed:
-                self.metrics.shed.labels("in_flight").inc()
-                await reply(503, f"overloaded: {config.max_in_flight} requests in flight; retry later",
-                            {"Retry-After": str(config.retry_after_s)})
-                return
-            self.metrics.in_flight.set(self.state.in_flight)
-            try:
-                body = await self._read_body(receive, config.max_body_bytes)
-                if body is None:
-                    await reply(413, f"request body over {config.max_body_bytes} bytes; send fewer items")
-                    return
-                await self.app(scope, self._replay(body, receive), send_wrapper)
-            finally:
-                with self.state.lock:
-                    self.state.in_flight -= 1
-        except Exception:  # never a bare 500
-            log.exception("unhandled error on %s", path)
-            if not status_seen:
-                await reply(503, "internal error; the request was not served, retry later",
-                            {"Retry-After": str(config.retry_after_s)})
-        finally:
-            status = status_seen[0] if status_seen else 0
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            if endpoint in ("/recommend", "/rerank", "/events"):
-                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-                if status == 503:
-                    self.metrics.shed.labels("unavailable").inc()
-
-    def _authorized(self, headers: dict[str, str]) -> bool:
-        value = headers.get("authorization", "")
-        scheme, _, token = value.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
-
-    @staticmethod
-    async def _read_body(receive: Callable, limit: int) -> bytes | None:
-        """The whole request body, or ``None`` once it passes ``limit`` bytes (a chunked body too)."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-    @staticmethod
-    def _replay(body: bytes, receive: Callable) -> Callable:
-        """A ``receive`` that hands the buffered body over once, then waits on the real one (disconnects)."""
-        sent = False
-
-        async def wrapped() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return wrapped
-
-
-__all__ = ["Metrics", "create_app", "field_error", "request_models"]
+__all__ = ["Metrics", "create_app", "field_error", "public_description", "request_models"]

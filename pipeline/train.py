@@ -105,7 +105,8 @@ def train(config: TrainConfig | None = None, *, data: Interactions | None = None
         raw.items,
         config={"train": config.to_dict()},
         data={"name": raw.name, "fingerprint": raw.fingerprint(),
-              "history_fingerprint": split.history("test").fingerprint(), "stats": stats},
+              "history_fingerprint": split.history("test").fingerprint(), "stats": stats,
+              **({"events": raw.meta["events"]} if "events" in raw.meta else {})},  # issue 14: folded event log
         metrics=metrics,
     )
     return TrainResult(folder=folder, report=report, baselines=baselines, tuning=fitted.tuning, split_stats=stats,

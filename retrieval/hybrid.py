@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from data.config import JsonConfig, require
 from data.dataset import Interactions
 from data.errors import ArtifactError, ConfigError, DataValidationError, NotFittedError
-from data.io import atomic_path, library_versions, read_manifest, write_manifest
+from data.io import atomic_path, library_versions, read_manifest, sha256_file, write_manifest
 from data.metrics import evaluate_rankings
 from data.protocol import Split
 from data.vocab import IdVocab
@@ -500,7 +500,10 @@ class HybridRetriever(Retriever):
                 comp.save(tmp / sub)
                 names.append([key, sub])
             write_manifest(tmp, {"kind": HYBRID_KIND, "config": self.config.to_dict(), "components": names,
-                                 "tuning": self.tuning, "versions": library_versions(), "files": {}})
+                                 "tuning": self.tuning, "versions": library_versions(),
+                                 # issue 14: the components' manifests are covered (never an empty list)
+                                 "files": {f"{sub}/manifest.json": sha256_file(tmp / sub / "manifest.json")
+                                           for _, sub in names}})
         return folder
 
     @classmethod
