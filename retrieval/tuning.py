@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,8 @@ from data.errors import ConfigError
 from data.protocol import Split
 from retrieval.base import Retriever
 from retrieval.evaluate import evaluate_retriever
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +114,20 @@ def _run(make: Callable[[Any], Retriever], points: Sequence[dict[str, Any]], bas
                 continue
             record(i, *_fit_and_score(make, dataclasses.replace(base_config, **params), split, ks))
     else:
-        _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skipped, budget_s, models)
+        try:
+            _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skipped, budget_s,
+                          models)
+        except BrokenProcessPool as exc:
+            # a spawned worker died: most often a caller's script without `if __name__ == "__main__":`
+            # (spawn re-runs it), or memory; the points not done run here instead
+            log.warning("search workers failed (%s); running the remaining points in this process. A script "
+                        "that trains with workers > 1 must call it under `if __name__ == \"__main__\":`", exc)
+            skipped.clear()
+            for i, params in enumerate(points):
+                if trials[i] is None and not over_budget(sum(t is not None for t in trials)):
+                    record(i, *_fit_and_score(make, dataclasses.replace(base_config, **params), split, ks))
+                elif trials[i] is None:
+                    skipped.append({**params, "why": f"time budget ({budget_s:.0f} s)"})
     bar.close()
     done = [i for i, t in enumerate(trials) if t is not None]
     best = max(done, key=lambda i: (trials[i][metric], -i))  # the earliest point on ties

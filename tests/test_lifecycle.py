@@ -239,3 +239,18 @@ def test_fit_options_validate():
         FitOptions(search_trials=0)
     assert FitOptions.from_json(FitOptions(index=IndexConfig(factory="HNSW32")).to_json()).index.factory == "HNSW32"
     assert dataclasses.replace(FitOptions(), tune=False).tune is False
+
+
+def test_a_broken_worker_pool_falls_back_to_this_process(split, monkeypatch, caplog):
+    """A spawned worker that dies (say, a caller's script without a main guard) costs time, not the search."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import retrieval.tuning as tuning
+
+    def broken(*args, **kwargs):
+        raise BrokenProcessPool("a child process terminated abruptly")
+
+    monkeypatch.setattr(tuning, "_run_parallel", broken)
+    fitted = fit_retriever("two_tower", split, "val", configs={"two_tower": FAST},
+                           options=FitOptions(search_trials=2, search_workers=2, progress=False))
+    assert len(fitted.tuning["two_tower"]["trials"]) == 2 and "main" in caplog.text
