@@ -245,7 +245,7 @@ def test_a_broken_worker_pool_falls_back_to_this_process(split, monkeypatch, cap
     """A spawned worker that dies (say, a caller's script without a main guard) costs time, not the search."""
     from concurrent.futures.process import BrokenProcessPool
 
-    import retrieval.tuning as tuning
+    from retrieval import tuning
 
     def broken(*args, **kwargs):
         raise BrokenProcessPool("a child process terminated abruptly")
