@@ -185,6 +185,23 @@ class CandidateJob:
         return frame[frame["item_id"] != -1].reset_index(drop=True)
 
 
+def read_users(path: str | Path) -> np.ndarray:
+    """The ``user_id`` column of a Parquet file (int64; duplicates kept in order), with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise DataValidationError(f"--users {path}: no such file; give a Parquet file with a user_id column")
+    try:
+        frame = pd.read_parquet(path, columns=["user_id"])
+    except Exception as exc:  # pyarrow raises several types for a missing column or a non-Parquet file
+        raise DataValidationError(f"--users {path}: cannot read a user_id column from it ({exc}); give a "
+                                  "Parquet file with an integer user_id column") from exc
+    values = frame["user_id"]
+    if values.isna().any() or not pd.api.types.is_integer_dtype(values.dtype):
+        raise DataValidationError(f"--users {path}: user_id must be integers without nulls, got dtype "
+                                  f"{values.dtype}")
+    return values.to_numpy(dtype=np.int64)
+
+
 def export_embeddings(retriever: Retriever, out: str | Path) -> list[Path]:
     """Write ``items.parquet`` and ``users.parquet`` (``item_id``/``user_id`` + ``embedding``) under ``out``.
 
