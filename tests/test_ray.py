@@ -1,0 +1,290 @@
+"""The Ray engines (the ``[ray]`` extra), on a local Ray runtime with 2 CPUs started once for the module:
+
+* Ray Data batch candidates (``shortlist candidates --engine ray``) equal the single-process output on
+  ml-latest-small, and with the reranker on the tiny pipeline;
+* the Ray Serve deployment answers the same lists as the in-process app (``shortlist serve``) for the same
+  requests, through Serve's HTTP proxy, with the same 422s, readiness and metrics;
+* a replica killed under a bounded loopback load is replaced, and every request the load sent is answered.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+from test_recommender import build_tiny_pipeline
+
+from data.errors import ConfigError
+from pipeline.recommender import Recommender
+from pipeline.recommender_config import RecommenderConfig, ServiceConfig
+
+pytestmark = pytest.mark.ray
+
+CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray runtime (2 CPUs) for the module, shut down after it (Serve too)."""
+    from pipeline.ray_runtime import worker_env
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env(1)})
+    try:
+        yield ray
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def als_artifact(ml_path, tmp_path_factory):
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("artifacts")
+    assert main(["train", "--model", "als", "--no-tune", "--data-path", str(ml_path), "--artifacts", str(root)]) == 0
+    return root
+
+
+# ---- Ray Data batch candidates ----------------------------------------------------------------------
+@pytest.mark.movielens
+def test_ray_batch_candidates_equal_the_single_process_output_on_movielens(als_artifact, local_ray, tmp_path,
+                                                                           capsys):
+    from pipeline.cli import main
+
+    local, distributed = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    assert main(["candidates", "--out", str(local), "--k", "50", "--artifacts", str(als_artifact)]) == 0
+    assert main(["candidates", "--engine", "ray", "--workers", "2", "--batch-size", "128", "--out",
+                 str(distributed), "--k", "50", "--artifacts", str(als_artifact)]) == 0
+    assert "2 Ray workers" in capsys.readouterr().out
+    expected, got = pd.read_parquet(local), pd.read_parquet(distributed)
+    assert distributed.is_dir() and len(list(distributed.glob("*.parquet"))) > 1  # several blocks, several actors
+    assert expected["user_id"].nunique() == 610 and len(expected) == 610 * 50
+    pd.testing.assert_frame_equal(got, expected)  # same rows, same order, same dtypes, same scores
+
+    # a Parquet list of users (duplicates and an unknown user included), through both engines
+    users = tmp_path / "users.parquet"
+    pd.DataFrame({"user_id": [5, 1, 5, 999_999]}).to_parquet(users)
+    for engine, out in (("local", tmp_path / "few_local.parquet"), ("ray", tmp_path / "few_ray.parquet")):
+        assert main(["candidates", "--engine", engine, "--users", str(users), "--out", str(out), "--k", "10",
+                     "--artifacts", str(als_artifact)]) == 0
+    few_local, few_ray = pd.read_parquet(tmp_path / "few_local.parquet"), pd.read_parquet(tmp_path / "few_ray.parquet")
+    pd.testing.assert_frame_equal(few_ray, few_local)
+    assert few_local["user_id"].drop_duplicates().tolist() == [5, 1, 999_999]
+    assert len(few_local) == 40  # the unknown user gets the cold-start list
+    assert few_local[few_local.user_id == 5]["item_id"].tolist() == expected[expected.user_id == 5]["item_id"][:10].tolist()
+
+
+def test_ray_batch_with_the_reranker_equals_the_single_process_output(tiny, local_ray, tmp_path):
+    from pipeline.batch import generate_candidates
+    from pipeline.ray_batch import generate_candidates_ray
+    from ranking.loading import load_ranker
+
+    rec = Recommender.load(tiny["artifact"], tiny["ranker"], config=RecommenderConfig(**CONFIG))
+    local = generate_candidates(rec.retriever, tmp_path / "local.parquet", k=15, ranker=load_ranker(tiny["ranker"]),
+                                rerank_m=8, progress=False)
+    rec.close()
+    stats = generate_candidates_ray(tiny["artifact"], tmp_path / "ray.parquet", k=15, ranker=tiny["ranker"],
+                                    rerank_m=8, batch_size=16, workers=2)
+    expected, got = pd.read_parquet(local.path), pd.read_parquet(stats.path)
+    assert stats.rows == len(expected) and stats.reranked_m == 8 and expected["reranked"].sum() > 0
+    pd.testing.assert_frame_equal(got[["user_id", "rank", "item_id", "reranked"]],
+                                  expected[["user_id", "rank", "item_id", "reranked"]])
+    for column in ("score", "retrieval_score", "rerank_score"):  # thread counts may change the last bits
+        np.testing.assert_allclose(got[column], expected[column], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_ray_batch_refuses_bad_input_with_clear_errors(tiny, tmp_path):
+    from data.errors import DataValidationError
+    from pipeline.batch import read_users
+    from pipeline.ray_batch import generate_candidates_ray
+
+    with pytest.raises(DataValidationError, match="workers must be a positive integer"):
+        generate_candidates_ray(tiny["artifact"], tmp_path / "x", workers=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataValidationError, match="is a file"):
+        generate_candidates_ray(tiny["artifact"], tmp_path / "file")
+    pd.DataFrame({"user": [1]}).to_parquet(tmp_path / "u.parquet")
+    with pytest.raises(DataValidationError, match="user_id"):
+        read_users(tmp_path / "u.parquet")
+    pd.DataFrame({"user_id": ["a"]}).to_parquet(tmp_path / "s.parquet")
+    with pytest.raises(DataValidationError, match="integers"):
+        read_users(tmp_path / "s.parquet")
+
+
+# ---- Ray Serve ------------------------------------------------------------------------------------------
+def test_the_shipped_serve_config_validates_and_bad_ones_are_refused(tmp_path):
+    from pipeline.ray_serve import DEFAULT_SERVE_CONFIG, ReplicaSpec, load_serve_config
+
+    config = load_serve_config(DEFAULT_SERVE_CONFIG)
+    auto = config.deployment["autoscaling_config"]
+    assert auto["min_replicas"] == 1 and auto["max_replicas"] == 2 and auto["target_ongoing_requests"] == 4
+    assert config.deployment["health_check_period_s"] > 0 and config.route_prefix == "/"
+    assert ReplicaSpec.from_args(config.args).artifacts == "artifacts"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEFAULT_SERVE_CONFIG.read_text().replace("max_replicas: 2", "max_replicas: -3"))
+    with pytest.raises(ConfigError, match="not a valid Serve config"):
+        load_serve_config(bad)
+    bad.write_text(DEFAULT_SERVE_CONFIG.read_text().replace("- name: shortlist\n        max", "- name: other\n        max"))
+    with pytest.raises(ConfigError, match="unknown deployment"):
+        load_serve_config(bad)
+    with pytest.raises(ConfigError, match="unknown key"):
+        ReplicaSpec.from_args({"artifact": "x"})
+    with pytest.raises(ConfigError, match="no such file"):
+        load_serve_config(tmp_path / "missing.yaml")
+
+
+def deploy(tiny, options: dict, port: int) -> str:
+    from ray import serve
+
+    from pipeline.ray_serve import APP_NAME, ReplicaSpec, bind
+
+    spec = ReplicaSpec(artifacts=str(tiny["artifact"]), ranker=str(tiny["ranker"]), threads=1,
+                       recommender=RecommenderConfig(**CONFIG).to_dict(),
+                       service=ServiceConfig(max_in_flight=64).to_dict())
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(bind(spec, options), name=APP_NAME, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(tiny, local_ray):
+    """The tiny pipeline on Ray Serve: one replica (the kill test adds a second)."""
+    url = deploy(tiny, {"num_replicas": 1, "max_ongoing_requests": 16}, free_port())
+    yield url
+
+
+def test_serve_answers_the_same_lists_as_the_in_process_app(served, tiny):
+    import httpx
+
+    rec = Recommender.load(tiny["artifact"], tiny["ranker"], config=RecommenderConfig(**CONFIG))
+    users = [int(u) for u in tiny["split"].users.ids[:12]]
+    requests = ([{"user_id": u, "k": 10, "budget_ms": 10_000} for u in users]
+                + [{"history": [int(i) for i in tiny["split"].items.ids[:3]], "k": 5, "budget_ms": 10_000},
+                   {"user_id": 987_654, "k": 5}])  # a history, and a cold-start user
+    with TestClient(create_in_process_app(rec)) as local, httpx.Client(base_url=served, timeout=30) as remote:
+        assert remote.get("/healthz").status_code == 200
+        ready = remote.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model"]["reranker"] is True
+        for body in requests:
+            a, b = local.post("/recommend", json=body), remote.post("/recommend", json=body)
+            assert a.status_code == b.status_code == 200
+            a, b = a.json(), b.json()
+            assert [i["item_id"] for i in b["items"]] == [i["item_id"] for i in a["items"]]
+            assert [i["score"] for i in b["items"]] == pytest.approx([i["score"] for i in a["items"]], rel=1e-5)
+            assert (b["path"], b["reranked_m"]) == (a["path"], a["reranked_m"])
+        assert {a["path"] for a in [local.post("/recommend", json=r).json() for r in requests]} == {
+            "reranked", "cold_start"}
+        rerank = {"user_id": users[0], "candidates": [int(i) for i in tiny["split"].items.ids[:6]]}
+        a, b = local.post("/rerank", json=rerank).json(), remote.post("/rerank", json=rerank).json()
+        assert [r["index"] for r in b["results"]] == [r["index"] for r in a["results"]]
+        for bad in ({"user_id": "x"}, {"user_id": 1, "k": 0}, {"history": [10**12]}):
+            assert local.post("/recommend", json=bad).status_code == 422
+            assert remote.post("/recommend", json=bad).status_code == 422
+        metrics = remote.get("/metrics").text
+        assert "shortlist_stage_latency_seconds" in metrics and "shortlist_rerank_batch_jobs" in metrics
+    rec.close()
+
+
+def create_in_process_app(rec):
+    from pipeline.service import create_app
+
+    return create_app(rec, ServiceConfig(max_in_flight=64))
+
+
+def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
+    """Two replicas under a bounded loopback load (4 clients); one is killed mid-run. Serve replaces it,
+    and every request the clients sent gets its list (a client retries a 5xx of a killed replica's
+    in-flight request, as an HTTP client of any replicated service would; the test counts them)."""
+    import httpx
+    from ray import serve
+
+    from pipeline.ray_serve import APP_NAME, DEPLOYMENT_NAME
+
+    deploy(tiny, {"num_replicas": 2, "max_ongoing_requests": 16}, int(served.rsplit(":", 1)[1]))
+    users = [int(u) for u in tiny["split"].users.ids[:20]]
+    with httpx.Client(base_url=served, timeout=30) as client:
+        expected = {u: [i["item_id"] for i in client.post("/recommend", json={"user_id": u, "k": 5,
+                                                                               "budget_ms": 10_000}).json()["items"]]
+                    for u in users}
+
+    def replicas() -> list[str]:
+        from ray.util.state import list_actors
+
+        return sorted(a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])
+                      if a.class_name.startswith("ServeReplica") and DEPLOYMENT_NAME in (a.name or ""))
+
+    before = replicas()
+    assert len(before) == 2
+    results: list[tuple[int, int, list[int] | None]] = []
+    retries = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=served, timeout=30) as client:
+            n = 0
+            while not stop.is_set() and n < 400:
+                user = users[(worker * 7 + n) % len(users)]
+                for attempt in range(5):
+                    try:
+                        r = client.post("/recommend", json={"user_id": user, "k": 5, "budget_ms": 10_000})
+                    except httpx.HTTPError:
+                        r = None
+                    if r is not None and r.status_code == 200:
+                        results.append((user, attempt, [i["item_id"] for i in r.json()["items"]]))
+                        break
+                    retries.append(r.status_code if r is not None else -1)
+                    time.sleep(0.2)
+                else:
+                    results.append((user, 5, None))
+                n += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    victim = ray.get_actor(next(a.name for a in ray.util.state.list_actors(filters=[("actor_id", "=", before[0])])),
+                           namespace="serve")
+    sent_before_kill = len(results)
+    ray.kill(victim, no_restart=True)
+    deadline = time.monotonic() + 90
+    while True:
+        now = replicas()
+        if len(now) == 2 and before[0] not in now:
+            break
+        assert time.monotonic() < deadline, f"no replacement replica: {now}"
+        time.sleep(0.5)
+    time.sleep(2.0)  # keep the load on the new replica a little
+    stop.set()
+    for t in threads:
+        t.join(60)
+    status = serve.status().applications[APP_NAME]
+    assert status.status == "RUNNING"
+    assert sent_before_kill > 0 and len(results) > sent_before_kill
+    lost = [r for r in results if r[2] is None]
+    assert not lost, f"{len(lost)} requests never answered; retried statuses {retries}"
+    assert all(items == expected[user] for user, _, items in results)  # every answer is the right list
+    print(f"\nkill test: {len(results)} requests, {len(retries)} retried ({sorted(set(retries))})")
