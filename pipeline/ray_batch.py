@@ -111,11 +111,16 @@ def generate_candidates_ray(
     if out.is_file():
         raise DataValidationError(f"--out {out} is a file; the ray engine writes a folder of Parquet files: "
                                   "pass a new path or remove the file")
+    # verified here before Ray starts (a bad artifact fails with the single-process path's message), and
+    # resolved to one version folder, so every actor loads the same version even if LATEST moves meanwhile
+    artifact = load_artifact(artifacts)
+    artifacts = artifact.folder
     if users is None:
-        users = load_artifact(artifacts).retriever.users.ids  # also verifies the artifact before Ray starts
+        users = artifact.retriever.users.ids
     elif isinstance(users, (str, Path)):
         users = read_users(users)
     users = np.asarray(users, dtype=np.int64)
+    del artifact
     if ranker is not None:
         batch_size = min(batch_size, 64)
     spec = CandidateSpec(str(artifacts), k, exclude_seen, None if ranker is None else str(ranker), int(rerank_m),
@@ -132,15 +137,36 @@ def generate_candidates_ray(
         rows = dataset.map_batches(CandidateActor, fn_constructor_args=(spec,), batch_size=batch_size,
                                    batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers),
                                    num_cpus=threads)
-        with atomic_path(out) as tmp:
-            rows.write_parquet(str(tmp))
-            if not tmp.exists():  # no users: still an (empty) dataset folder
-                tmp.mkdir()
+        try:
+            with atomic_path(out) as tmp:
+                rows.write_parquet(str(tmp))
+                if not tmp.exists():  # no users: still an (empty) dataset folder
+                    tmp.mkdir()
+        except Exception as exc:  # an actor's ShortlistError (bad ranker...) reaches the caller as itself
+            error = domain_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
     seconds = time.perf_counter() - started
     written = count_rows(out)
     return BatchStats(users=int(users.size), rows=written, seconds=seconds,
                       users_per_second=users.size / seconds if seconds > 0 else float("inf"), path=out,
                       reranked_m=min(int(rerank_m), k) if ranker is not None else 0)
+
+
+def domain_error(exc: BaseException) -> BaseException:
+    """The first :class:`~data.errors.ShortlistError` in the chain of a Ray error (Ray wraps what an actor
+    raised), else ``exc`` itself."""
+    from data.errors import ShortlistError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ShortlistError):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    return exc
 
 
 def count_rows(folder: str | Path) -> int:
@@ -150,4 +176,4 @@ def count_rows(folder: str | Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(folder).glob("*.parquet")))
 
 
-__all__ = ["CandidateActor", "CandidateSpec", "count_rows", "generate_candidates_ray"]
+__all__ = ["CandidateActor", "CandidateSpec", "count_rows", "domain_error", "generate_candidates_ray"]

@@ -362,6 +362,12 @@ def spec_from_cli(args: argparse.Namespace) -> ReplicaSpec:
                        service=svc.to_dict())
 
 
+def wait_until_interrupted() -> None:
+    """Block until Ctrl-C (the Serve replicas run in Ray's processes meanwhile)."""
+    while True:
+        time.sleep(3600)
+
+
 def run(args: argparse.Namespace) -> int:
     """``shortlist serve --engine ray``: start (or join) Ray, deploy, serve until interrupted.
 
@@ -384,8 +390,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"shortlist on Ray Serve at http://{args.host}:{args.port}{config.route_prefix} "
               f"(deployment options: {config.deployment}); Ctrl-C stops", flush=True)
         try:
-            while True:
-                time.sleep(3600)
+            wait_until_interrupted()
         except KeyboardInterrupt:
             pass
         finally:

@@ -24,7 +24,7 @@ from test_recommender import build_tiny_pipeline
 
 from data.errors import ConfigError
 from pipeline.recommender import Recommender
-from pipeline.recommender_config import RecommenderConfig, ServiceConfig
+from pipeline.recommender_config import MicroBatchConfig, RecommenderConfig, ServiceConfig
 
 pytestmark = pytest.mark.ray
 
@@ -116,6 +116,21 @@ def test_ray_batch_with_the_reranker_equals_the_single_process_output(tiny, loca
                                   expected[["user_id", "rank", "item_id", "reranked"]])
     for column in ("score", "retrieval_score", "rerank_score"):  # thread counts may change the last bits
         np.testing.assert_allclose(got[column], expected[column], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_a_corrupted_ranker_fails_the_ray_batch_with_the_domain_error(tiny, local_ray, tmp_path):
+    import shutil
+
+    from data.errors import ShortlistError
+    from pipeline.ray_batch import generate_candidates_ray
+
+    ranker = tmp_path / "ranker"
+    shutil.copytree(tiny["ranker"], ranker)
+    weights = ranker / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(ShortlistError, match="checksum|safetensors"):
+        generate_candidates_ray(tiny["artifact"], tmp_path / "out", k=5, ranker=ranker, workers=1)
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_ray_batch_refuses_bad_input_with_clear_errors(tiny, tmp_path):
@@ -291,3 +306,102 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
     assert all(items == expected[user] for user, _, items in results)  # every answer is the right list
     print(f"\nkill test: {len(results)} requests ({sent_before_kill} before the kill, {at_replacement} by the "
           f"replacement), {len(retries)} retried ({sorted(set(retries))})")
+
+
+# ---- @serve.batch behind the recommender's batcher interface ---------------------------------------------
+def test_serve_batcher_gathers_concurrent_jobs_into_one_serve_batch_call():
+    """Jobs submitted from request threads are scored together by a ``@serve.batch`` method (the same
+    decorator the deployment uses, on a plain event loop here), each caller gets its own scores, a cancelled
+    job is skipped, and a full queue is refused."""
+    import asyncio
+
+    from ray import serve
+
+    from data.errors import OverloadedError
+    from pipeline.ray_serve import ServeBatcher, score_batch
+
+    calls: list[int] = []
+
+    def score(histories, candidates):  # candidate id * 10 + history length, as in test_recommender
+        calls.append(len(candidates))
+        return [c * 10 + h.size for h, c in zip(histories, candidates)]
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    class Owner:
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
+        async def jobs(self, jobs):
+            return await score_batch(self.batcher, score, jobs)
+
+    owner = Owner()
+    owner.batcher = batcher = ServeBatcher(owner.jobs, loop, MicroBatchConfig(max_queue=6))
+    with pytest.raises(OverloadedError, match="not running"):
+        batcher.submit(np.array([1]), np.array([2]))
+    batcher.start()
+    futures = [batcher.submit(np.arange(n), np.array([n, n + 1])) for n in range(5)]
+    assert futures[4].cancel()
+    results = [f.result(timeout=10) for f in futures[:4]]
+    for n, values in enumerate(results):
+        np.testing.assert_array_equal(values, [n * 10 + n, (n + 1) * 10 + n])
+    assert calls == [4] and batcher.stats.batches == 1 and batcher.stats.jobs == 4 and batcher.stats.cancelled == 1
+    assert batcher.queue_depth == 0 and batcher.backlog_ms == 0.0 and futures[0].started > 0
+    for _ in range(6):  # nothing is scored while the queue fills: the batch waits up to 0.2 s
+        batcher.submit(np.array([1]), np.array([2]), cost_ms=1.0)
+    with pytest.raises(OverloadedError, match="max_queue=6"):
+        batcher.submit(np.array([1]), np.array([2]))
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+# ---- the CLI path (last: it shuts Serve down when it returns) --------------------------------------------
+def test_serve_cli_refuses_a_corrupted_artifact_before_starting_ray(tiny, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny["artifact"], copy)
+    (copy / "items.parquet").write_bytes(b"not parquet")
+    assert main(["serve", "--engine", "ray", "--artifacts", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "items.parquet" in err and "checksum" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications: 3\n")
+    assert main(["serve", "--engine", "ray", "--serve-config", str(bad), "--artifacts", str(tiny["artifact"])]) == 2
+    assert "not a valid Serve config" in capsys.readouterr().err
+
+
+def test_shortlist_serve_engine_ray_serves_the_http_contract(tiny, local_ray, tmp_path, monkeypatch, served):
+    """``shortlist serve --engine ray`` end to end in this process (its wait loop is replaced by the checks;
+    Ctrl-C ends it as for a user), with the shipped Serve config and the flags of ``shortlist serve``."""
+    import httpx
+
+    from pipeline import ray_serve
+    from pipeline.cli import main
+
+    port = int(served.rsplit(":", 1)[1])  # Serve's proxy is already up on this port in this runtime
+    RecommenderConfig(**CONFIG).save(tmp_path / "config.json")
+    seen = {}
+
+    def checks():
+        url = f"http://127.0.0.1:{port}"
+        seen["ready"] = httpx.get(f"{url}/readyz", timeout=30).status_code
+        seen["recommend"] = httpx.post(f"{url}/recommend", json={"user_id": int(tiny["split"].users.ids[3]), "k": 4,
+                                                                  "budget_ms": 10_000}, timeout=30).json()
+        seen["bad"] = httpx.post(f"{url}/recommend", json={"k": 4}, timeout=30).status_code
+        seen["status"] = ray_serve_status()
+        raise KeyboardInterrupt
+
+    def ray_serve_status():
+        from ray import serve
+
+        app = serve.status().applications[ray_serve.APP_NAME]
+        return app.deployments[ray_serve.DEPLOYMENT_NAME].replica_states
+
+    monkeypatch.setattr(ray_serve, "wait_until_interrupted", checks)
+    assert main(["serve", "--engine", "ray", "--artifacts", str(tiny["artifact"]), "--ranker", str(tiny["ranker"]),
+                 "--config", str(tmp_path / "config.json"), "--port", str(port)]) == 0
+    assert seen["ready"] == 200 and seen["bad"] == 422 and seen["status"].get("RUNNING", 0) >= 1
+    assert seen["recommend"]["path"] == "reranked" and len(seen["recommend"]["items"]) == 4
