@@ -224,7 +224,7 @@ def projection(rows: list[dict], n_items: int, target: int = 100_000_000, shard_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=250_000, help="catalogue size (1000000: the issue's 1M run)")
+    parser.add_argument("--items", type=int, default=1_000_000, help="catalogue size")
     parser.add_argument("--users", type=int, default=1_000_000, help="users generated (query vectors)")
     parser.add_argument("--clusters", type=int, default=1_000, help="taste clusters of the generator")
     parser.add_argument("--sample", type=int, default=1_000, help="users for recall and latency")
