@@ -94,8 +94,11 @@ def generate_candidates_ray(
     ``users`` is an array of user ids, a Parquet file with a ``user_id`` column, or ``None`` (every user
     of the artifact). ``workers`` actors with ``threads`` threads each run the batches (with a ranker,
     batches are cut to 64 users as in the single-process path). Uses the Ray runtime that is up, else starts
-    a local one with ``workers * threads`` CPUs and stops it after. ``out`` becomes a folder of Parquet
-    files; ``BatchStats.seconds`` covers the whole run, Ray's start-up included.
+    a local one with ``workers * threads`` CPUs and stops it after (a runtime with fewer free CPUs than
+    ``workers * threads`` leaves actors waiting). The artifact, ranker and blend are first loaded and
+    verified once in this process, so a bad file fails here with the single-process message, before Ray
+    starts. ``out`` becomes a folder of Parquet files; ``BatchStats.seconds`` covers the whole run, Ray's
+    start-up included.
     """
     from pipeline.artifacts import load_artifact
     from pipeline.ray_runtime import ray_session
@@ -111,8 +114,8 @@ def generate_candidates_ray(
     if out.is_file():
         raise DataValidationError(f"--out {out} is a file; the ray engine writes a folder of Parquet files: "
                                   "pass a new path or remove the file")
-    # verified here before Ray starts (a bad artifact fails with the single-process path's message), and
-    # resolved to one version folder, so every actor loads the same version even if LATEST moves meanwhile
+    # verified here before Ray starts (a bad artifact or ranker fails with the single-process path's message),
+    # and the artifact resolved to one version folder, so every actor loads the same version even if LATEST moves meanwhile
     artifact = load_artifact(artifacts)
     artifacts = artifact.folder
     if users is None:
@@ -120,6 +123,17 @@ def generate_candidates_ray(
     elif isinstance(users, (str, Path)):
         users = read_users(users)
     users = np.asarray(users, dtype=np.int64)
+    if ranker is not None or blend is not None:  # the ranker, blend and vocabularies checked here too
+        from pipeline.batch import CandidateJob
+        from ranking.loading import load_ranker
+
+        loaded_blend = None
+        if blend is not None:
+            from ranking.blend import HybridBlend
+
+            loaded_blend = HybridBlend.load(blend)
+        CandidateJob.prepare(artifact.retriever, k=k, ranker=None if ranker is None else load_ranker(
+            ranker, load_tokenizer=False), rerank_m=rerank_m, blend=loaded_blend)
     del artifact
     if ranker is not None:
         batch_size = min(batch_size, 64)

@@ -107,8 +107,23 @@ class ServeBatcher:
                                       f"(max_queue={self.config.max_queue}); shed this request")
             self._waiting += 1
             self._queued_cost += job.cost_ms
-        asyncio.run_coroutine_threadsafe(self.score_one(job), self.loop)
+        scheduled = asyncio.run_coroutine_threadsafe(self.score_one(job), self.loop)
+        scheduled.add_done_callback(lambda done: self._settle(job, done))
         return job.future
+
+    def _settle(self, job: Job, done: Any) -> None:
+        """A job whose batch call itself failed (before scoring) gets that error, never a silent hang."""
+        error = done.exception() if not done.cancelled() else OverloadedError("serve batcher: job cancelled")
+        if error is None or job.future.done():
+            return
+        with self._lock:
+            if job.future.running():  # taken by a batch that then failed
+                self.stats.failed += 1
+            else:  # never taken: it still counts as waiting
+                self._waiting -= 1
+                self._queued_cost -= job.cost_ms
+        if job.future.set_running_or_notify_cancel() if not job.future.running() else True:
+            job.future.set_exception(error)
 
     def taken(self, jobs: list[Job]) -> list[Job]:
         """Mark ``jobs`` as taken by a batch; returns those whose callers still wait."""

@@ -179,7 +179,7 @@ def deploy(tiny, options: dict, port: int) -> str:
     from pipeline.ray_serve import APP_NAME, ReplicaSpec, bind
 
     spec = ReplicaSpec(artifacts=str(tiny["artifact"]), ranker=str(tiny["ranker"]), threads=1,
-                       recommender=RecommenderConfig(**CONFIG).to_dict(),
+                       recommender=RecommenderConfig(**CONFIG, microbatch=MicroBatchConfig(max_wait_ms=50.0)).to_dict(),
                        service=ServiceConfig(max_in_flight=64).to_dict())
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(bind(spec, options), name=APP_NAME, route_prefix="/")
@@ -222,7 +222,38 @@ def test_serve_answers_the_same_lists_as_the_in_process_app(served, tiny):
             assert remote.post("/recommend", json=bad).status_code == 422
         metrics = remote.get("/metrics").text
         assert "shortlist_stage_latency_seconds" in metrics and "shortlist_rerank_batch_jobs" in metrics
+
+        # concurrent requests to the one replica share @serve.batch calls (its wait is 50 ms here)
+        answers, barrier = [], threading.Barrier(8)
+
+        def one(user):
+            with httpx.Client(base_url=served, timeout=30) as client:
+                barrier.wait()
+                answers.append(client.post("/recommend", json={"user_id": user, "k": 5, "budget_ms": 10_000}).json())
+
+        workers = [threading.Thread(target=one, args=(u,)) for u in users[:8]]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert len(answers) == 8 and {a["path"] for a in answers} == {"reranked"}
+        after = batch_counts(remote.get("/metrics").text)
+        before = batch_counts(metrics)
+        batches = after["count"] - before["count"]
+        singles = after["le_1"] - before["le_1"]
+        assert 1 <= batches < 8 and singles < batches  # 8 jobs in fewer calls: some call scored several
     rec.close()
+
+
+def batch_counts(metrics: str) -> dict[str, float]:
+    """Micro-batches scored, and those of one job, from the Prometheus text."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("shortlist_rerank_batch_jobs_count"):
+            out["count"] = float(line.split()[-1])
+        elif line.startswith('shortlist_rerank_batch_jobs_bucket{le="1.0"}'):
+            out["le_1"] = float(line.split()[-1])
+    return out
 
 
 def create_in_process_app(rec):
@@ -232,9 +263,11 @@ def create_in_process_app(rec):
 
 
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
-    """Two replicas under a bounded loopback load (4 clients); one is killed mid-run. Serve replaces it,
-    and every request the clients sent gets its list (a client retries a 5xx of a killed replica's
-    in-flight request, as an HTTP client of any replicated service would; the test counts them)."""
+    """Two replicas under a bounded loopback load (4 clients); one is killed mid-run (``ray.kill``). Serve
+    replaces it, and every request the clients sent gets its list. A request the killed replica was
+    handling when it died gets a 500 from Serve's proxy; the client retries it (``/recommend`` is
+    idempotent), as a client of any replicated service would. Each client has one request in flight, so
+    at most 4 can be retried; the test counts them."""
     import httpx
     from ray import serve
 
@@ -303,54 +336,67 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
     assert 0 < sent_before_kill < at_replacement < len(results)  # the load ran before, during and after
     lost = [r for r in results if r[2] is None]
     assert not lost, f"{len(lost)} requests never answered; retried statuses {retries}"
+    assert len(retries) <= 4 and set(retries) <= {500, 502, 503}  # only the killed replica's in-flight ones
     assert all(items == expected[user] for user, _, items in results)  # every answer is the right list
     print(f"\nkill test: {len(results)} requests ({sent_before_kill} before the kill, {at_replacement} by the "
           f"replacement), {len(retries)} retried ({sorted(set(retries))})")
 
 
 # ---- @serve.batch behind the recommender's batcher interface ---------------------------------------------
-def test_serve_batcher_gathers_concurrent_jobs_into_one_serve_batch_call():
-    """Jobs submitted from request threads are scored together by a ``@serve.batch`` method (the same
-    decorator the deployment uses, on a plain event loop here), each caller gets its own scores, a cancelled
-    job is skipped, and a full queue is refused."""
+def test_serve_batcher_fans_one_batch_out_to_its_callers_and_sheds_beyond_its_queue():
+    """The adapter between the recommender's batcher interface and ``@serve.batch`` (whose queue only runs
+    inside a Serve replica, so a hand-made gatherer stands in for it here): jobs submitted from request
+    threads are scored in one call, each caller gets its own scores, a cancelled job is skipped, a full
+    queue is refused, and a batch call that fails before scoring reaches its callers as an error."""
     import asyncio
-
-    from ray import serve
 
     from data.errors import OverloadedError
     from pipeline.ray_serve import ServeBatcher, score_batch
 
     calls: list[int] = []
 
-    def score(histories, candidates):  # candidate id * 10 + history length, as in test_recommender
+    def score(histories, candidates):  # candidate id * 10 + history length
         calls.append(len(candidates))
         return [c * 10 + h.size for h, c in zip(histories, candidates)]
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    pending, fail = [], []
 
-    class Owner:
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
-        async def jobs(self, jobs):
-            return await score_batch(self.batcher, score, jobs)
+    async def gather(job):  # stands in for the @serve.batch method: collects, scored below in one call
+        if fail:
+            raise RuntimeError("batch queue broken")
+        pending.append(job)
 
-    owner = Owner()
-    owner.batcher = batcher = ServeBatcher(owner.jobs, loop, MicroBatchConfig(max_queue=6))
+    batcher = ServeBatcher(gather, loop, MicroBatchConfig(max_queue=6))
     with pytest.raises(OverloadedError, match="not running"):
         batcher.submit(np.array([1]), np.array([2]))
     batcher.start()
-    futures = [batcher.submit(np.arange(n), np.array([n, n + 1])) for n in range(5)]
+    futures = [batcher.submit(np.arange(n), np.array([n, n + 1]), cost_ms=2.0) for n in range(5)]
     assert futures[4].cancel()
-    results = [f.result(timeout=10) for f in futures[:4]]
-    for n, values in enumerate(results):
-        np.testing.assert_array_equal(values, [n * 10 + n, (n + 1) * 10 + n])
-    assert calls == [4] and batcher.stats.batches == 1 and batcher.stats.jobs == 4 and batcher.stats.cancelled == 1
-    assert batcher.queue_depth == 0 and batcher.backlog_ms == 0.0 and futures[0].started > 0
-    for _ in range(6):  # nothing is scored while the queue fills: the batch waits up to 0.2 s
-        batcher.submit(np.array([1]), np.array([2]), cost_ms=1.0)
+    deadline = time.monotonic() + 5
+    while len(pending) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert batcher.queue_depth == 5 and batcher.backlog_ms == 10.0
     with pytest.raises(OverloadedError, match="max_queue=6"):
         batcher.submit(np.array([1]), np.array([2]))
+        batcher.submit(np.array([1]), np.array([2]))
+    while len(pending) < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pending.pop()  # the sixth, accepted just before the refusal, is left queued
+    asyncio.run_coroutine_threadsafe(score_batch(batcher, score, list(pending)), loop).result(5)
+    assert batcher.queue_depth == 1
+    for n, future in enumerate(futures[:4]):
+        np.testing.assert_array_equal(future.result(timeout=5), [n * 10 + n, (n + 1) * 10 + n])
+        assert future.started > 0
+    assert calls == [4] and batcher.stats.batches == 1 and batcher.stats.jobs == 4 and batcher.stats.cancelled == 1
+    fail.append(True)
+    broken = batcher.submit(np.array([1]), np.array([2]))
+    with pytest.raises(RuntimeError, match="batch queue broken"):
+        broken.result(timeout=5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
 
