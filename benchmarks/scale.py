@@ -192,7 +192,7 @@ def projection(rows: list[dict], n_items: int, target: int = 100_000_000, shard_
                utilisation: float = 0.6) -> list[dict]:
     """Memory per shard and replicas needed at ``target`` items, from the measured rows.
 
-    A query is sent to every shard; a shard's single-thread search cost is the measured p50 scaled with
+    A query is sent to every shard; a shard's single-thread search cost is the measured mean scaled with
     items linearly (Flat), with ``sqrt(items)`` (IVF: ``nlist`` grows as ``sqrt(items)`` at a fixed
     ``nprobe``) or with ``log(items)`` (HNSW). This is the index search only (no retrieval model, no
     reranker, no HTTP).
@@ -201,7 +201,7 @@ def projection(rows: list[dict], n_items: int, target: int = 100_000_000, shard_
     shards = math.ceil(target / shard_items)
     out = []
     for row in rows:
-        if "p50_ms" not in row:
+        if "mean_ms" not in row:
             continue
         if row["method"].startswith("HNSW"):  # graph walk: ~log(items)
             growth = math.log(shard_items) / math.log(n_items)
@@ -209,7 +209,7 @@ def projection(rows: list[dict], n_items: int, target: int = 100_000_000, shard_
             growth = math.sqrt(shard_items / n_items)
         else:  # Flat: every item
             growth = shard_items / n_items
-        shard_ms = row["p50_ms"] * growth
+        shard_ms = row["mean_ms"] * growth  # capacity follows the mean cost, not the median
         cpu_s = shards * shard_ms / 1000
         proj = {"method": row["method"], "shards": shards, "items_per_shard": shard_items,
                 "shard_memory_gb": row["bytes_per_item"] * shard_items / 2**30,
