@@ -262,6 +262,50 @@ def create_in_process_app(rec):
     return create_app(rec, ServiceConfig(max_in_flight=64))
 
 
+def test_the_shipped_autoscaling_config_scales_up_under_load(served, tiny):
+    """The deployment options of ``pipeline/ray_serve.yaml`` (delays and target shortened so the test is
+    quick) scale the deployment from 1 to 2 replicas under 4 concurrent clients, and answers stay right."""
+    import httpx
+    from ray import serve
+
+    from pipeline.ray_serve import APP_NAME, DEFAULT_SERVE_CONFIG, DEPLOYMENT_NAME, load_serve_config
+
+    options = load_serve_config(DEFAULT_SERVE_CONFIG).deployment
+    options["autoscaling_config"] = {**options["autoscaling_config"], "target_ongoing_requests": 1,
+                                     "upscale_delay_s": 0, "look_back_period_s": 1, "downscale_delay_s": 600}
+    deploy(tiny, options, int(served.rsplit(":", 1)[1]))
+
+    def running() -> int:
+        states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].replica_states
+        return states.get("RUNNING", 0)
+
+    assert running() == 1
+    users = [int(u) for u in tiny["split"].users.ids[:8]]
+    stop, answers, errors = threading.Event(), [], []
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=served, timeout=30) as client:
+            n = 0
+            while not stop.is_set() and n < 5000:
+                r = client.post("/recommend", json={"user_id": users[(worker + n) % 8], "k": 5, "budget_ms": 10_000})
+                (answers if r.status_code == 200 else errors).append(r.status_code)
+                n += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 90
+        while running() < 2:
+            assert time.monotonic() < deadline, serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert running() == 2 and answers and not errors
+
+
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
     """Two replicas under a bounded loopback load (4 clients); one is killed mid-run (``ray.kill``). Serve
     replaces it, and every request the clients sent gets its list. A request the killed replica was
