@@ -148,8 +148,9 @@ def generate_candidates_ray(
         context.enable_progress_bars = True
         blocks = [pd.DataFrame({"user_id": users[i : i + batch_size]}) for i in range(0, users.size, batch_size)]
         dataset = ray.data.from_pandas(blocks or [pd.DataFrame({"user_id": np.empty(0, np.int64)})])
+        actors = max(1, min(workers, len(blocks)))  # no actor that would get no block
         rows = dataset.map_batches(CandidateActor, fn_constructor_args=(spec,), batch_size=batch_size,
-                                   batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers),
+                                   batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
                                    num_cpus=threads)
         try:
             with atomic_path(out) as tmp:

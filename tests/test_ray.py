@@ -272,7 +272,7 @@ def test_the_shipped_autoscaling_config_scales_up_under_load(served, tiny):
 
     options = load_serve_config(DEFAULT_SERVE_CONFIG).deployment
     options["autoscaling_config"] = {**options["autoscaling_config"], "target_ongoing_requests": 1,
-                                     "upscale_delay_s": 0, "look_back_period_s": 1, "downscale_delay_s": 600}
+                                     "upscale_delay_s": 0, "look_back_period_s": 11, "downscale_delay_s": 600}
     deploy(tiny, options, int(served.rsplit(":", 1)[1]))
 
     def running() -> int:
