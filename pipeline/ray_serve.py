@@ -19,7 +19,10 @@ A replica (:class:`ServeBatcher`, :func:`deployment`):
   reported unhealthy and replaced.
 
 ``/metrics`` is each replica's own registry: a scrape through the proxy reaches one replica. Scrape
-every replica (or use Ray's own metrics export) for totals.
+every replica (or use Ray's own metrics export) for totals. The API key is read by each replica from its
+own ``$SHORTLIST_API_KEY`` (``ServiceConfig.api_key_env``): a local Ray runtime started by
+``shortlist serve --engine ray`` inherits the shell's environment; on a cluster, set it on every node (it
+is never put into the deployment's config, which Ray shows in its dashboard and logs).
 
 The deployment's options come from a Serve config file (YAML; the default is ``pipeline/ray_serve.yaml``,
 see :func:`load_serve_config`), which ``serve run`` and ``serve deploy`` also read through

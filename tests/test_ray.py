@@ -173,6 +173,30 @@ def test_the_shipped_serve_config_validates_and_bad_ones_are_refused(tmp_path):
         load_serve_config(tmp_path / "missing.yaml")
 
 
+def test_the_yaml_args_build_the_serve_application_serve_run_deploys(tmp_path):
+    """``serve run pipeline/ray_serve.yaml`` calls ``app_builder(args)``: the args become the replicas'
+    spec, with the config files read into their typed configs (no Ray runtime needed to build it)."""
+    from pipeline.ray_serve import (
+        DEFAULT_SERVE_CONFIG,
+        DEPLOYMENT_NAME,
+        ReplicaSpec,
+        app_builder,
+        load_serve_config,
+    )
+
+    RecommenderConfig(**CONFIG).save(tmp_path / "rec.json")
+    ServiceConfig(max_k=7).save(tmp_path / "svc.json")
+    args = {**load_serve_config(DEFAULT_SERVE_CONFIG).args, "config": str(tmp_path / "rec.json"),
+            "service_config": str(tmp_path / "svc.json")}
+    spec = ReplicaSpec.from_args(args)
+    assert RecommenderConfig.from_dict(spec.recommender) == RecommenderConfig(**CONFIG)
+    assert ServiceConfig.from_dict(spec.service).max_k == 7
+    application = app_builder(args)
+    assert type(application).__name__ == "Application"
+    assert application._bound_deployment.name == DEPLOYMENT_NAME
+    assert application._bound_deployment.init_args == (spec.__dict__,)
+
+
 def deploy(tiny, options: dict, port: int) -> str:
     from ray import serve
 
