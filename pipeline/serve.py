@@ -87,6 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch-latest-s", type=float, default=None,
                         help="poll the artifacts root's LATEST this often and hot-swap (0: off)")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: one uvicorn process (default); ray: Ray Serve replicas (the [ray] extra)")
+    parser.add_argument("--serve-config", default=None,
+                        help="--engine ray: a Serve config YAML (replicas, autoscaling; default: "
+                             "pipeline/ray_serve.yaml)")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -149,7 +154,11 @@ def build_app(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted (one uvicorn worker)."""
+    """Serve until interrupted (one uvicorn worker; ``--engine ray``: :func:`pipeline.ray_serve.run`)."""
+    if getattr(args, "engine", "local") == "ray":
+        from pipeline.ray_serve import run as run_on_ray
+
+        return run_on_ray(args)
     configure_threads(max(1, args.threads))
     import uvicorn
 
