@@ -25,6 +25,7 @@ unexpected error answers 503, never a bare 500.
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime, and
 # the request models are local to request_models().
+import asyncio
 import contextlib
 import logging
 import os
@@ -262,8 +263,9 @@ def create_app(recommender: Recommender | Callable[[], Recommender], config: Ser
     async def lifespan(app: FastAPI):
         if loaded_here or config.warm_up:  # loading and warming take a while: /readyz says 503 meanwhile
             threading.Thread(target=prepare, name="shortlist-warm-up", daemon=True).start()
-        else:  # a loaded model, no warm-up: start, replay and check it now (ready once the app serves)
-            prepare()
+        else:  # a loaded model, no warm-up: start, replay and check it now (ready once the app serves), off
+            # the event loop: the smoke check's reranks may be scored on this very loop (Ray Serve's batcher)
+            await asyncio.to_thread(prepare)
         try:
             yield
         finally:
