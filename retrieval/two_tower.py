@@ -60,7 +60,7 @@ TWO_TOWER_SEARCH: dict[str, tuple[Any, ...]] = {
 
 #: Largest catalogue the search tries the full softmax on: where one training step costs about 3x the
 #: sampled softmax's (at most 3.5x). Measured on this machine (``python -m benchmarks.loss_cost``, 1 thread,
-#: default config), full/sampled step time: 1.7x at 3,650 items, 3.0x and 3.4x at 6,000 (two runs), 4.7x
+#: default config), full/sampled step time: 1.7x at 3,650 items, 3.0x to 3.4x at 6,000 (three runs), 4.7x
 #: to 4.9x at 10,000, 7.3x to 7.6x at 25,000, 12x at 100,000 (and the full softmax also trains for more
 #: epochs: 30 against 20 on ml-latest-small).
 FULL_SOFTMAX_MAX_ITEMS = 6_000
