@@ -116,6 +116,10 @@ def fit_retriever(name: str, split: Split, stage: str = "val", *, configs: Mappi
     if cache is not None and options.tune and s.search_space:
         raise ConfigError(f"fit_retriever({name!r}): cache= holds one config, but a search would choose "
                           "another; pass options=FitOptions(tune=False) or drop cache=")
+    searched = options.tune and bool(s.search_space)
+    if stage == "test" and s.test_stage == "refit" and not searched and cache is None:
+        # nothing to choose on validation: fit the test stage's history directly
+        return Fitted(model=s.cls(config).fit(split.history("test"), items=split.items), config=config)
     cached = _load_cached(cache, split, config)
     if cached is not None:
         model, tuning = cached, {}

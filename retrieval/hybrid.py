@@ -285,6 +285,7 @@ class HybridRetriever(Retriever):
                     f"({list(named)}); give one per component or leave it empty"
                 )
         self.tuning: dict[str, Any] | None = None
+        self._candidate_view = _CandidateView(self)  # for_candidates() is called once per served request
 
     # ---- contract -------------------------------------------------------------------------------
     @property
@@ -370,8 +371,8 @@ class HybridRetriever(Retriever):
         out_ids, out_scores, _, _ = self._fuse(self._lists(ids, self.depth(k), exclude_seen, allow, deny), k,
                                                fusion=fusion)
         cold = self.users.rows(ids, missing="ignore") < 0
-        for row in np.flatnonzero(cold):  # unknown users: the popularity fallback itself, not a fusion of it
-            out_ids[row], out_scores[row] = self.popular_items(k, allow=allow, deny=deny)
+        if cold.any():  # unknown users: the popularity fallback itself (one list for all), not a fusion of it
+            out_ids[cold], out_scores[cold] = self.popular_items(k, allow=allow, deny=deny)
         if scalar:
             return out_ids[0], out_scores[0]
         return out_ids, out_scores
@@ -401,7 +402,7 @@ class HybridRetriever(Retriever):
     def for_candidates(self) -> Retriever:
         """A view of this hybrid whose ``retrieve``/``retrieve_history`` give the candidate fusion (tuned
         for recall at the reranker's depth) instead of the served list."""
-        return _CandidateView(self)
+        return self._candidate_view
 
     def popular_items(self, k, *, exclude=None, allow=None, deny=None):
         """The first component's popularity fallback (the components share the training events)."""

@@ -100,34 +100,38 @@ def _run(make: Callable[[Any], Retriever], points: Sequence[dict[str, Any]], bas
         bar.update(1)
         bar.set_postfix(best=f"{max(t[metric] for t in done):.4f}")
 
-    def over_budget(n_done: int, n_running: int = 0) -> bool:
-        if budget_s is None or n_done + n_running == 0:
+    def over_budget(n_done: int) -> bool:
+        """Whether a new trial would likely end past ``budget_s`` (the first always starts)."""
+        if budget_s is None or n_done == 0:
             return False
         elapsed = time.perf_counter() - started
-        mean = elapsed / max(n_done, 1) if n_done else 0.0
-        return n_done > 0 and elapsed + mean > budget_s
+        return elapsed + elapsed / n_done > budget_s
 
-    if workers <= 1 or len(points) == 1:  # one point: no process to spawn
+    def skip(params: dict[str, Any]) -> None:
+        skipped.append({**params, "why": f"time budget ({budget_s:.0f} s)"})
+
+    def run_here() -> None:
+        """The points not done yet, one after another in this process."""
         for i, params in enumerate(points):
+            if trials[i] is not None:
+                continue
             if over_budget(sum(t is not None for t in trials)):
-                skipped.append({**params, "why": f"time budget ({budget_s:.0f} s)"})
+                skip(params)
                 continue
             record(i, *_fit_and_score(make, dataclasses.replace(base_config, **params), split, ks))
+
+    if workers <= 1 or len(points) == 1:  # one point: no process to spawn
+        run_here()
     else:
         try:
-            _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skipped, budget_s,
-                          models)
+            _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skip)
         except BrokenProcessPool as exc:
             # a spawned worker died: most often a caller's script without `if __name__ == "__main__":`
             # (spawn re-runs it), or memory; the points not done run here instead
             log.warning("search workers failed (%s); running the remaining points in this process. A script "
                         "that trains with workers > 1 must call it under `if __name__ == \"__main__\":`", exc)
             skipped.clear()
-            for i, params in enumerate(points):
-                if trials[i] is None and not over_budget(sum(t is not None for t in trials)):
-                    record(i, *_fit_and_score(make, dataclasses.replace(base_config, **params), split, ks))
-                elif trials[i] is None:
-                    skipped.append({**params, "why": f"time budget ({budget_s:.0f} s)"})
+            run_here()
     bar.close()
     done = [i for i, t in enumerate(trials) if t is not None]
     best = max(done, key=lambda i: (trials[i][metric], -i))  # the earliest point on ties
@@ -137,8 +141,7 @@ def _run(make: Callable[[Any], Retriever], points: Sequence[dict[str, Any]], bas
                         models=[models[i] for i in done] if keep_models else [])
 
 
-def _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skipped, budget_s,
-                  models) -> None:
+def _run_parallel(make, points, base_config, split, ks, workers, record, over_budget, skip) -> None:
     """Trials in ``workers`` spawned processes (one torch thread each, as the configs say); each saves its
     model to a temporary folder and the parent loads the ones it keeps."""
     import multiprocessing
@@ -154,8 +157,9 @@ def _run_parallel(make, points, base_config, split, ks, workers, record, over_bu
         n_done = 0
         while pending or running:
             while pending and len(running) < workers:
-                if over_budget(n_done, len(running)):
-                    skipped.extend({**p, "why": f"time budget ({budget_s:.0f} s)"} for _, p in pending)
+                if over_budget(n_done):
+                    for _, params in pending:
+                        skip(params)
                     pending = []
                     break
                 i, params = pending.pop(0)
