@@ -2,8 +2,18 @@
 
 Every replica of :func:`deployment` runs the same FastAPI app as ``shortlist serve``
 (:func:`pipeline.service.create_app`: the same endpoints, validation, auth, shedding, Prometheus
-``/metrics``), so the HTTP contract is the same; Ray Serve's proxy routes the requests and its
-controller scales the replicas (``autoscaling_config``) and replaces dead ones.
+``/metrics``), so the HTTP contract is the same; Serve's controller scales the replicas
+(``autoscaling_config``) and replaces dead ones.
+
+The application's HTTP ingress is a thin router (:func:`router`, deployment ``shortlist_router``) in front
+of the replicas: Serve's proxy hands it each request and it forwards the request, bytes unchanged, to a
+replica through a deployment handle (:meth:`forward`, which runs the replica's own app). A replica that
+dies with requests in flight fails them with a Ray actor error; the router sends an idempotent request
+(any ``GET``, ``POST /recommend``, ``POST /rerank``) again to a live replica (at most ``retries`` times),
+so the client never sees the failure. A request that changes state (``POST /events``,
+``POST /admin/reload``) is not sent twice: it gets 503 with ``Retry-After``, saying it may or may not have
+been applied. The router holds no model and costs one more local hop per request
+(``benchmarks.serve_overhead`` measures it).
 
 A replica (:class:`ServeBatcher`, :func:`deployment`):
 
@@ -37,7 +47,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +65,14 @@ DEFAULT_SERVE_CONFIG = Path(__file__).with_name("ray_serve.yaml")
 DEPLOYMENT_NAME = "shortlist"
 #: The Serve application's name.
 APP_NAME = "shortlist"
+#: The router deployment's name (the application's HTTP ingress).
+ROUTER_NAME = "shortlist_router"
+#: Requests the router may send again after the replica handling them died: reads and scoring, which
+#: change nothing. ``(method, path)``; ``GET`` of any path is idempotent too.
+IDEMPOTENT = frozenset({("POST", "/recommend"), ("POST", "/rerank")})
+#: The router's defaults: a light, CPU-free actor that only awaits the replicas.
+ROUTER_DEFAULTS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 256,
+                                   "ray_actor_options": {"num_cpus": 0}}
 
 
 # ---- the micro-batcher over @serve.batch ---------------------------------------------------------
@@ -282,6 +300,19 @@ def deployment() -> Any:
             self.shortlist_app = create_app(self.recommender, dataclasses.replace(self.service, warm_up=False))
             return self.shortlist_app
 
+        async def forward(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
+                          body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+            """One HTTP request from the router, answered by this replica's app (the same middleware and
+            endpoints as a request from Serve's proxy); returns ``(status, headers, body)``."""
+            import httpx
+
+            if getattr(self, "_client", None) is None:
+                self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.shortlist_app),
+                                                 base_url="http://replica", timeout=None)
+            response = await self._client.request(method, httpx.URL(path=path, query=query),
+                                                  headers=headers, content=body)
+            return response.status_code, list(response.headers.raw), response.content
+
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
         async def score_jobs(self, jobs: list[Job]) -> list[None]:
             return await score_batch(self.recommender.batcher, self._score, jobs)
@@ -304,6 +335,72 @@ def deployment() -> Any:
     return ShortlistDeployment
 
 
+#: Headers the router does not copy between the hops (each hop sets its own).
+_HOP_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+
+
+def idempotent(method: str, path: str) -> bool:
+    """Whether the router may send ``method path`` again after the replica handling it died."""
+    return method in ("GET", "HEAD") or (method, path.rstrip("/") or "/") in IDEMPOTENT
+
+
+def router() -> Any:
+    """The router deployment class: the application's HTTP ingress (built on first use)."""
+    from ray import serve
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    replica_gone = (RayActorError, ReplicaUnavailableError)
+
+    @serve.deployment(name=ROUTER_NAME, **ROUTER_DEFAULTS)
+    class ShortlistRouter:
+        """Forwards each request to a replica; sends an idempotent one again if its replica died."""
+
+        def __init__(self, replicas: Any, retries: int = 3, backoff_s: float = 0.05) -> None:
+            if retries < 0:
+                raise ConfigError(f"router retries={retries}: give 0 or more")
+            self.replicas = replicas
+            self.retries = int(retries)
+            self.backoff_s = float(backoff_s)
+            self.resent = 0  # requests sent again after their replica died (the kill test reads it)
+
+        async def __call__(self, request: Request) -> Response:
+            method, path = request.method, request.url.path
+            headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS]
+            body = await request.body()
+            query = request.url.query.encode()
+            tries = 1 + (self.retries if idempotent(method, path) else 0)
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    status, out_headers, content = await self.replicas.forward.remote(
+                        method, path, query, headers, body)
+                    break
+                except replica_gone as exc:
+                    if attempt >= tries:
+                        what = ("it was not sent again: it may or may not have been applied"
+                                if tries == 1 else f"it was sent {tries} times")
+                        return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
+                            "detail": f"the replica handling this request died ({type(exc).__name__}); {what}",
+                            "reason": "replica_died"})
+                    self.resent += 1
+                    log.warning("router: the replica answering %s %s died (%s); sending it again",
+                                method, path, type(exc).__name__)
+                    await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            response = Response(content=content, status_code=status)
+            response.raw_headers = [(k, v) for k, v in out_headers if k.lower() not in _HOP_HEADERS] + [
+                (b"content-length", str(len(content)).encode())]
+            return response
+
+        def resent_count(self) -> int:
+            return self.resent
+
+    return ShortlistRouter
+
+
 # ---- the Serve config file -----------------------------------------------------------------------
 @dataclass
 class ServeFile:
@@ -315,12 +412,15 @@ class ServeFile:
         deployment: the options of the ``shortlist`` deployment (``autoscaling_config``,
             ``max_ongoing_requests``, ``ray_actor_options``, ``health_check_period_s``...).
         route_prefix: the application's route prefix.
+        router: the options of the ``shortlist_router`` deployment (the HTTP ingress), over
+            :data:`ROUTER_DEFAULTS`.
     """
 
     http_options: dict[str, Any]
     args: dict[str, Any]
     deployment: dict[str, Any]
     route_prefix: str = "/"
+    router: dict[str, Any] = field(default_factory=dict)
 
 
 def load_serve_config(path: str | Path | None = None) -> ServeFile:
@@ -341,12 +441,13 @@ def load_serve_config(path: str | Path | None = None) -> ServeFile:
     if len(apps) != 1:
         raise ConfigError(f"--serve-config {path}: expected one application (shortlist), got {len(apps)}")
     app = apps[0]
-    options = [d for d in app.get("deployments") or [] if d.get("name") == DEPLOYMENT_NAME]
-    others = [d.get("name") for d in app.get("deployments") or [] if d.get("name") != DEPLOYMENT_NAME]
+    named = {d.get("name"): d for d in app.get("deployments") or []}
+    others = sorted(str(n) for n in set(named) - {DEPLOYMENT_NAME, ROUTER_NAME})
     if others:
-        raise ConfigError(f"--serve-config {path}: unknown deployment(s) {others}; the only one is "
-                          f"{DEPLOYMENT_NAME!r}")
-    deployment_options = {k: v for k, v in (options[0] if options else {}).items() if k != "name"}
+        raise ConfigError(f"--serve-config {path}: unknown deployment(s) {others}; the deployments are "
+                          f"{DEPLOYMENT_NAME!r} (the replicas) and {ROUTER_NAME!r} (the HTTP router)")
+    deployment_options = {k: v for k, v in named.get(DEPLOYMENT_NAME, {}).items() if k != "name"}
+    router_options = {k: v for k, v in named.get(ROUTER_NAME, {}).items() if k != "name"}
     if deployment_options.get("autoscaling_config") is not None:  # the file's schema keeps it a plain dict
         from ray.serve.config import AutoscalingConfig
 
@@ -356,18 +457,23 @@ def load_serve_config(path: str | Path | None = None) -> ServeFile:
             raise ConfigError(f"--serve-config {path}: not a valid Serve config file: autoscaling_config: "
                               f"{exc}") from exc
     return ServeFile(http_options=dict(raw.get("http_options") or {}), args=dict(app.get("args") or {}),
-                     deployment=deployment_options, route_prefix=app.get("route_prefix") or "/")
+                     deployment=deployment_options, route_prefix=app.get("route_prefix") or "/",
+                     router=router_options)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """The Serve application of the YAML's ``args`` (``import_path: pipeline.ray_serve:app_builder``)."""
+    """The Serve application of the YAML's ``args`` (``import_path: pipeline.ray_serve:app_builder``);
+    ``serve run``/``serve deploy`` apply the YAML's deployment options by name."""
     spec = ReplicaSpec.from_args(args)
-    return deployment().bind(spec.__dict__)
+    return router().bind(deployment().bind(spec.__dict__))
 
 
-def bind(spec: ReplicaSpec, options: dict[str, Any] | None = None) -> Any:
-    """The Serve application of ``spec`` with deployment ``options`` (the YAML's, or a test's)."""
-    return deployment().options(**(options or {})).bind(spec.__dict__)
+def bind(spec: ReplicaSpec, options: dict[str, Any] | None = None,
+         router_options: dict[str, Any] | None = None) -> Any:
+    """The Serve application of ``spec``: the router in front of the replicas, with deployment
+    ``options`` for the replicas and ``router_options`` for the router (the YAML's, or a test's)."""
+    replicas = deployment().options(**(options or {})).bind(spec.__dict__)
+    return router().options(**(router_options or {})).bind(replicas)
 
 
 def spec_from_cli(args: argparse.Namespace) -> ReplicaSpec:
@@ -404,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
         from ray import serve
 
         serve.start(http_options=http)
-        serve.run(bind(spec, config.deployment), name=APP_NAME, route_prefix=config.route_prefix)
+        serve.run(bind(spec, config.deployment, config.router), name=APP_NAME, route_prefix=config.route_prefix)
         print(f"shortlist on Ray Serve at http://{args.host}:{args.port}{config.route_prefix} "
               f"(deployment options: {config.deployment}); Ctrl-C stops", flush=True)
         try:
@@ -417,6 +523,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["APP_NAME", "DEFAULT_SERVE_CONFIG", "DEPLOYMENT_NAME", "ReplicaSpec", "ServeBatcher", "ServeFile",
-           "app_builder", "bind", "deployment", "load_recommender", "load_serve_config", "run", "score_batch",
-           "spec_from_cli"]
+__all__ = ["APP_NAME", "DEFAULT_SERVE_CONFIG", "DEPLOYMENT_NAME", "IDEMPOTENT", "ROUTER_NAME", "ReplicaSpec",
+           "ServeBatcher", "ServeFile", "app_builder", "bind", "deployment", "idempotent", "load_recommender",
+           "load_serve_config", "router", "run", "score_batch", "spec_from_cli"]

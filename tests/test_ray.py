@@ -4,7 +4,8 @@
   ml-latest-small, and with the reranker on the tiny pipeline;
 * the Ray Serve deployment answers the same lists as the in-process app (``shortlist serve``) for the same
   requests, through Serve's HTTP proxy, with the same 422s, readiness and metrics;
-* a replica killed under a bounded loopback load is replaced, and every request the load sent is answered.
+* a replica killed under a bounded loopback load is replaced, and every request the load sent is answered
+  (the router resends the killed replica's in-flight requests; no client retries).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def test_the_shipped_serve_config_validates_and_bad_ones_are_refused(tmp_path):
     assert auto["min_replicas"] == 1 and auto["max_replicas"] == 2 and auto["target_ongoing_requests"] == 4
     assert config.deployment["health_check_period_s"] > 0 and config.route_prefix == "/"
     assert ReplicaSpec.from_args(config.args).artifacts == "artifacts"
+    assert config.router["ray_actor_options"]["num_cpus"] == 0 and config.router["max_ongoing_requests"] >= 64
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEFAULT_SERVE_CONFIG.read_text().replace("max_replicas: 2", "max_replicas: -3"))
     with pytest.raises(ConfigError, match="not a valid Serve config"):
@@ -179,6 +181,7 @@ def test_the_yaml_args_build_the_serve_application_serve_run_deploys(tmp_path):
     from pipeline.ray_serve import (
         DEFAULT_SERVE_CONFIG,
         DEPLOYMENT_NAME,
+        ROUTER_NAME,
         ReplicaSpec,
         app_builder,
         load_serve_config,
@@ -193,8 +196,10 @@ def test_the_yaml_args_build_the_serve_application_serve_run_deploys(tmp_path):
     assert ServiceConfig.from_dict(spec.service).max_k == 7
     application = app_builder(args)
     assert type(application).__name__ == "Application"
-    assert application._bound_deployment.name == DEPLOYMENT_NAME
-    assert application._bound_deployment.init_args == (spec.__dict__,)
+    assert application._bound_deployment.name == ROUTER_NAME  # the HTTP ingress, in front of the replicas
+    (replicas,) = application._bound_deployment.init_args
+    assert replicas._bound_deployment.name == DEPLOYMENT_NAME
+    assert replicas._bound_deployment.init_args == (spec.__dict__,)
 
 
 def deploy(tiny, options: dict, port: int) -> str:
@@ -331,11 +336,11 @@ def test_the_shipped_autoscaling_config_scales_up_under_load(served, tiny):
 
 
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
-    """Two replicas under a bounded loopback load (4 clients); one is killed mid-run (``ray.kill``). Serve
-    replaces it, and every request the clients sent gets its list. A request the killed replica was
-    handling when it died gets a 500 from Serve's proxy; the client retries it (``/recommend`` is
-    idempotent), as a client of any replicated service would. Each client has one request in flight, so
-    at most 4 can be retried; the test counts them."""
+    """Two replicas under a bounded loopback load (8 clients, no client retries); one is killed mid-run
+    (``ray.kill``). Serve replaces it, the router sends the killed replica's in-flight requests again
+    to the live one, and every request a client sent gets its right list, first time: no client sees an
+    error. (How many were in flight at the kill is timing: usually 1-4, printed; the resend logic itself
+    is tested deterministically below.)"""
     import httpx
     from ray import serve
 
@@ -347,6 +352,8 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
         expected = {u: [i["item_id"] for i in client.post("/recommend", json={"user_id": u, "k": 5,
                                                                                "budget_ms": 10_000}).json()["items"]]
                     for u in users}
+    router = serve.get_app_handle(APP_NAME)
+    resent_before = router.resent_count.remote().result()
 
     def replicas() -> list[str]:
         """Names of the deployment's replica actors that are alive and RUNNING (Serve's own view)."""
@@ -358,7 +365,6 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
     before = replicas()
     assert len(before) == 2
     results: list[tuple[int, int, list[int] | None]] = []
-    retries = []
     stop = threading.Event()
 
     def load(worker: int) -> None:
@@ -366,21 +372,17 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
             n = 0
             while not stop.is_set() and n < 5000:  # bounded: 5000 per client at most
                 user = users[(worker * 7 + n) % len(users)]
-                for attempt in range(5):
-                    try:
-                        r = client.post("/recommend", json={"user_id": user, "k": 5, "budget_ms": 10_000})
-                    except httpx.HTTPError:
-                        r = None
-                    if r is not None and r.status_code == 200:
-                        results.append((user, attempt, [i["item_id"] for i in r.json()["items"]]))
-                        break
-                    retries.append(r.status_code if r is not None else -1)
-                    time.sleep(0.2)
+                try:
+                    r = client.post("/recommend", json={"user_id": user, "k": 5, "budget_ms": 10_000})
+                except httpx.HTTPError as exc:
+                    results.append((user, -1, None))
+                    print("client error:", exc)
                 else:
-                    results.append((user, 5, None))
+                    ok = r.status_code == 200
+                    results.append((user, r.status_code, [i["item_id"] for i in r.json()["items"]] if ok else None))
                 n += 1
 
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(8)]  # both replicas kept busy
     for t in threads:
         t.start()
     time.sleep(2.0)
@@ -402,12 +404,12 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served, tiny):
     status = serve.status().applications[APP_NAME]
     assert status.status == "RUNNING"
     assert 0 < sent_before_kill < at_replacement < len(results)  # the load ran before, during and after
-    lost = [r for r in results if r[2] is None]
-    assert not lost, f"{len(lost)} requests never answered; retried statuses {retries}"
-    assert len(retries) <= 4 and set(retries) <= {500, 502, 503}  # only the killed replica's in-flight ones
+    failed = [(user, code) for user, code, items in results if items is None]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed at the client: {failed[:5]}"
     assert all(items == expected[user] for user, _, items in results)  # every answer is the right list
+    resent = router.resent_count.remote().result() - resent_before
     print(f"\nkill test: {len(results)} requests ({sent_before_kill} before the kill, {at_replacement} by the "
-          f"replacement), {len(retries)} retried ({sorted(set(retries))})")
+          f"replacement); the router resent {resent} in-flight request(s) of the killed replica")
 
 
 # ---- @serve.batch behind the recommender's batcher interface ---------------------------------------------
@@ -519,3 +521,77 @@ def test_shortlist_serve_engine_ray_serves_the_http_contract(tiny, local_ray, tm
                  "--config", str(tmp_path / "config.json"), "--port", str(port)]) == 0
     assert seen["ready"] == 200 and seen["bad"] == 422 and seen["status"].get("RUNNING", 0) >= 1
     assert seen["recommend"]["path"] == "reranked" and len(seen["recommend"]["items"]) == 4
+
+
+# ---- the router: resends an idempotent request whose replica died ------------------------------------
+class _FakeReplicas:
+    """Stands in for the router's deployment handle: the first ``deaths`` calls fail as a killed replica's
+    in-flight calls do (``ActorDiedError``), later ones answer."""
+
+    def __init__(self, deaths: int) -> None:
+        self.deaths, self.calls = deaths, []
+        self.forward = self
+
+    def remote(self, method, path, query, headers, body):
+        self.calls.append((method, path, query, dict(headers), body))
+
+        async def answer():
+            from ray.exceptions import ActorDiedError
+
+            if len(self.calls) <= self.deaths:
+                raise ActorDiedError()
+            return 200, [(b"content-type", b"application/json"), (b"x-model", b"v1")], b'{"ok": true}'
+
+        return answer()
+
+
+def _request(method: str, path: str, body: bytes = b"", query: bytes = b""):
+    from starlette.requests import Request
+
+    sent = []
+
+    async def receive():
+        if sent:
+            return {"type": "http.disconnect"}
+        sent.append(1)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request({"type": "http", "method": method, "path": path, "query_string": query, "root_path": "",
+                    "headers": [(b"host", b"x"), (b"authorization", b"Bearer k"), (b"content-length", b"2")]},
+                   receive)
+
+
+def test_the_router_resends_an_idempotent_request_whose_replica_died_and_never_a_write():
+    import asyncio
+
+    from pipeline.ray_serve import idempotent, router
+
+    Router = router().func_or_class
+    assert idempotent("POST", "/recommend") and idempotent("POST", "/rerank/") and idempotent("GET", "/metrics")
+    assert not idempotent("POST", "/events") and not idempotent("POST", "/admin/reload")
+
+    # /recommend: two replicas die under it; the third try answers, with the replica's status, headers, bytes
+    replicas = _FakeReplicas(deaths=2)
+    r = Router(replicas, retries=3, backoff_s=0.0)
+    response = asyncio.run(r(_request("POST", "/recommend", b'{"user_id": 1}', b"a=1")))
+    assert (response.status_code, response.body) == (200, b'{"ok": true}')
+    assert response.headers["x-model"] == "v1" and response.headers["content-length"] == str(len(response.body))
+    assert len(replicas.calls) == 3 and r.resent_count() == 2
+    method, path, query, headers, body = replicas.calls[-1]
+    assert (method, path, query, body) == ("POST", "/recommend", b"a=1", b'{"user_id": 1}')
+    assert headers[b"authorization"] == b"Bearer k" and b"host" not in headers and b"content-length" not in headers
+
+    # more deaths than retries: a 503 with Retry-After that says so, after 1 + retries tries
+    replicas = _FakeReplicas(deaths=10)
+    response = asyncio.run(Router(replicas, retries=2, backoff_s=0.0)(_request("POST", "/rerank", b"{}")))
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert b"sent 3 times" in response.body and len(replicas.calls) == 3
+
+    # /events changes state: never sent twice; the client is told it may or may not have been applied
+    replicas = _FakeReplicas(deaths=1)
+    response = asyncio.run(Router(replicas, retries=3, backoff_s=0.0)(_request("POST", "/events", b"{}")))
+    assert response.status_code == 503 and b"may or may not have been applied" in response.body
+    assert len(replicas.calls) == 1
+
+    with pytest.raises(ConfigError, match="retries=-1"):
+        Router(_FakeReplicas(0), retries=-1)
