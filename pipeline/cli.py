@@ -88,7 +88,8 @@ def _train_ranker(args: argparse.Namespace) -> int:
                                   eval_every=max(1, min(DEMO_TRAINER.eval_every, args.steps)))
     student = dataclasses.replace(DEMO_STUDENT, max_steps=args.student_steps, threads=args.threads,
                                   eval_every=max(1, min(DEMO_STUDENT.eval_every, args.student_steps)))
-    config = SecondStageConfig(trainer=trainer, student_trainer=student, data_path=args.data_path, retrain=True)
+    config = SecondStageConfig(trainer=trainer, student_trainer=student, data_path=args.data_path, retrain=True,
+                               events=args.events)
     if args.student_steps == 0:
         config = dataclasses.replace(config, student_layers=())
     result = train_artifact_ranker(args.artifacts, config)
@@ -119,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.report import markdown_table
 
     if resolve_ranker(args.ranker, args.artifacts) is not None:
-        out = evaluate_two_stage(args.artifacts, args.ranker, data_path=args.data_path)
+        out = evaluate_two_stage(args.artifacts, args.ranker, data_path=args.data_path, events=args.events)
         rows = [out["retrieval"].row("retrieval only"), out["two_stage"].row("two-stage (served)")]
         rows[1]["dNDCG@10"], rows[1]["dNDCG@10_ci"] = out["dNDCG@10"], list(out["dNDCG@10_ci"])
         print(f"## Retrieval against the served two-stage list (test split, same users; ranker {out['ranker']})\n")
@@ -128,7 +129,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"retrieval": rows[0], "two_stage": rows[1]}, indent=2))
         return 0
-    out = evaluate_artifact_lists(args.artifacts, args.data_path)
+    out = evaluate_artifact_lists(args.artifacts, args.data_path, events=args.events)
     manifest = out["manifest"]
     rows = [out["served"].row(manifest["model"])]
     if out["candidates"] is not None:
@@ -311,12 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600, help="teacher training steps (default: a 3-minute demo run)")
     p.add_argument("--student-steps", type=int, default=200, help="distillation steps (0: no student)")
     p.add_argument("--data-path", default=None)
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="an artifact trained with `train --events`: its event log, if it moved (default: the "
+                        "path its manifest records)")
     p.add_argument("--threads", type=int, default=2)
     artifacts_arg(p)
     p.set_defaults(func=_train_ranker)
 
     p = sub.add_parser("evaluate", help="re-score the saved artifact on the test split")
     p.add_argument("--data-path", default=None)
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="an artifact trained with `train --events`: its event log, if it moved (default: the "
+                        "path its manifest records)")
     p.add_argument("--ranker", default=None, metavar="auto|DIR",
                    help="also score the served two-stage list with this ranker (auto: train-ranker's student)")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")

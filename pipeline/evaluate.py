@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from data.dataset import Interactions
 from data.errors import ArtifactError
 from data.metrics import MetricReport
 from pipeline.artifacts import load_artifact
@@ -12,39 +14,61 @@ from pipeline.train import prepare_split
 from retrieval.evaluate import evaluate_retriever
 
 
-def _artifact_split(artifacts: str | Path, data_path: str | None):
+def artifact_data(manifest: dict[str, Any], data_path: str | None = None, events: str | Path | None = None
+                  ) -> Interactions:
+    """The events an artifact was trained on, read again: its dataset (``data_path`` overrides where it is
+    looked for) plus, when it was trained with ``shortlist train --events``, the same prefix of that event
+    log (from the path its manifest records, or ``events``). Refuses data that is not what it was trained
+    on (fingerprint check), naming the flag that fixes it."""
+    from pipeline.event_log import fold_events
+
+    train_cfg = TrainConfig.from_dict(manifest["config"]["train"])
+    raw = train_cfg.load_data(data_path)
+    folded = (manifest.get("data") or {}).get("events")
+    if folded:
+        log_path = events or folded.get("path")
+        if not log_path:
+            raise ArtifactError(f"this artifact was trained with the event log {folded.get('log')!r} (its first "
+                                f"{folded.get('bytes')} bytes); pass it with --events PATH")
+        raw = fold_events(raw, log_path, upto=int(folded["bytes"]), sha256=folded["sha256"])
+    if raw.fingerprint() != manifest["data"]["fingerprint"]:
+        raise ArtifactError(
+            f"trained on data with fingerprint {manifest['data']['fingerprint']}, but {raw.name} on disk "
+            f"has {raw.fingerprint()}; pass the data it was trained on (--data-path) or retrain")
+    return raw
+
+
+def _artifact_split(artifacts: str | Path, data_path: str | None, events: str | Path | None = None):
     """``(artifact, train config, split)``; refuses data on disk that the artifact was not trained on."""
     artifact = load_artifact(artifacts)
     train_cfg = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    raw = train_cfg.load_data(data_path)
-    if raw.fingerprint() != artifact.manifest["data"]["fingerprint"]:
-        raise ArtifactError(
-            f"{artifact.folder}: trained on data with fingerprint {artifact.manifest['data']['fingerprint']}, "
-            f"but {raw.name} on disk has {raw.fingerprint()}; pass the data it was trained on "
-            "(--data-path) or retrain"
-        )
+    try:
+        raw = artifact_data(artifact.manifest, data_path, events)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{artifact.folder}: {exc}") from exc
     return artifact, train_cfg, prepare_split(raw, train_cfg)
 
 
 def evaluate_artifact(artifacts: str | Path = "artifacts", data_path: str | None = None,
-                      n_boot: int = 1000) -> tuple[MetricReport, dict]:
+                      n_boot: int = 1000, events: str | Path | None = None) -> tuple[MetricReport, dict]:
     """Load the artifact, rebuild the split from the same data and score the served list on the test items.
 
-    Refuses when the data on disk is not the data the artifact was trained on (fingerprint check).
+    Refuses when the data on disk is not the data the artifact was trained on (fingerprint check); an
+    artifact trained with ``--events`` reads the same prefix of its event log again (:func:`artifact_data`).
     """
-    artifact, train_cfg, split = _artifact_split(artifacts, data_path)
+    artifact, train_cfg, split = _artifact_split(artifacts, data_path, events)
     report = evaluate_retriever(artifact.retriever, split, "test", ks=train_cfg.ks, n_boot=n_boot,
                                 seed=train_cfg.seed)
     return report, artifact.manifest
 
 
 def evaluate_artifact_lists(artifacts: str | Path = "artifacts", data_path: str | None = None,
-                            n_boot: int = 1000) -> dict:
+                            n_boot: int = 1000, events: str | Path | None = None) -> dict:
     """Both lists of the artifact on the test split: ``{"served": report, "candidates": report or None,
     "served_source": str or None, "manifest": dict}``. ``candidates`` is the list a reranker reads, when it
     differs from the served one (a hybrid's fusion tuned for recall); ``served_source`` says what serves
     the list without a reranker (a component's name, or ``"fusion"``)."""
-    artifact, train_cfg, split = _artifact_split(artifacts, data_path)
+    artifact, train_cfg, split = _artifact_split(artifacts, data_path, events)
     retriever = artifact.retriever
     served = evaluate_retriever(retriever, split, "test", ks=train_cfg.ks, n_boot=n_boot, seed=train_cfg.seed)
     candidates = None
@@ -70,7 +94,7 @@ def resolve_ranker(ranker: str | Path | None, artifacts: str | Path = "artifacts
 
 def evaluate_two_stage(artifacts: str | Path = "artifacts", ranker: str | Path = "auto", *,
                        data_path: str | None = None, max_m: int = 100, budget_ms: float = 1000.0,
-                       backend: str = "torch", seed: int = 0) -> dict:
+                       backend: str = "torch", seed: int = 0, events: str | Path | None = None) -> dict:
     """Retrieval alone against the served two-stage list on the artifact's test split, on the same users.
 
     Every test user goes through :meth:`~pipeline.recommender.Recommender.recommend` with the ranker (its
@@ -90,9 +114,7 @@ def evaluate_two_stage(artifacts: str | Path = "artifacts", ranker: str | Path =
         raise ArtifactError(f"{artifacts}: no ranker for the latest version; run `shortlist train-ranker` first")
     recommender = Recommender.load(artifacts, folder, backend=backend,
                                    config=RecommenderConfig(max_m=max_m, calibrate=False))
-    artifact = load_artifact(artifacts)
-    train_cfg = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    split = prepare_split(train_cfg.load_data(data_path), train_cfg)
+    _, _, split = _artifact_split(artifacts, data_path, events)
     cases = split.cases("test")
     ids, _ = retrieve_cases(recommender.retriever, cases, 10)
     served = np.full((len(cases), 10), -1, dtype=np.int64)

@@ -290,10 +290,14 @@ def folded_offset(path: str | Path, folded: dict[str, Any] | None) -> int:
     return size
 
 
-def fold_events(data: Any, path: str | Path) -> Any:
+def fold_events(data: Any, path: str | Path, *, upto: int | None = None, sha256: str | None = None) -> Any:
     """``data`` (an :class:`~data.dataset.Interactions`) with the log's events appended as rows (events for
     items outside its catalogue are dropped and counted); ``meta["events"]`` records what was folded
-    (``bytes``, ``sha256``, ``events``, ``dropped``) for the artifact's manifest."""
+    (``log``, ``path``, ``bytes``, ``sha256``, ``events``, ``dropped``) for the artifact's manifest.
+
+    ``upto``/``sha256`` (what a manifest recorded) fold exactly that prefix of the log again, as the
+    artifact was trained on it (events the server appended since are left out); a log that does not begin
+    with those bytes is refused."""
     import dataclasses
 
     import numpy as np
@@ -303,8 +307,14 @@ def fold_events(data: Any, path: str | Path) -> Any:
     if not path.is_file():
         raise DataValidationError(f"--events {path}: no such file; pass the log `shortlist serve --event-log` "
                                   "writes")
+    if upto is not None and (path.stat().st_size < upto or prefix_sha256(path, upto) != sha256):
+        raise DataValidationError(
+            f"--events {path}: does not begin with the {upto} bytes of events the model was trained on (their "
+            "SHA-256 differs); pass the log the artifact was trained with, or retrain")
     rows, end = [], len(HEADER)
     for end, event in read_events(path):
+        if upto is not None and end > upto:
+            break
         rows.append(event)
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"], dtype="int64")
     known = np.isin(frame["item_id"].to_numpy(), data.frame["item_id"].unique())
@@ -313,8 +323,9 @@ def fold_events(data: Any, path: str | Path) -> Any:
     extra = frame[known].reindex(columns=data.frame.columns)  # other columns (a rating): NaN
     merged = pd.concat([data.frame, extra], ignore_index=True)
     merged = merged.astype({c: data.frame[c].dtype for c in ("user_id", "item_id", "timestamp")})
-    info = {"log": path.name, "bytes": end, "sha256": prefix_sha256(path, end), "events": int(known.sum()),
-            "dropped": int((~known).sum())}
+    end = end if upto is None else upto
+    info = {"log": path.name, "path": str(path.resolve()), "bytes": end, "sha256": prefix_sha256(path, end),
+            "events": int(known.sum()), "dropped": int((~known).sum())}
     log.info("folded %d events from %s (%d for unknown items dropped)", info["events"], path, info["dropped"])
     return dataclasses.replace(data, frame=merged, meta={**data.meta, "events": info})
 

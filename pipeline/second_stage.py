@@ -72,6 +72,8 @@ class SecondStageConfig(JsonConfig):
             (:func:`choose_served`, written to ``SERVED_FILE``).
         out: root folder; everything goes under ``out/<protocol>/``.
         retrain: train even when a saved teacher matches.
+        events: for :func:`train_second_stage` on an artifact trained with ``shortlist train --events``:
+            the event log, if it moved (``None``: the path the artifact's manifest records).
     """
 
     dataset: str = "ml-latest-small"
@@ -90,6 +92,7 @@ class SecondStageConfig(JsonConfig):
     student_keep: float = 0.8
     out: str = "artifacts/rerank"
     retrain: bool = False
+    events: str | None = None
 
     def __post_init__(self) -> None:
         require(self.protocol in PROTOCOLS, f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
@@ -300,15 +303,16 @@ def train_artifact_ranker(artifacts: str | Path = "artifacts", config: SecondSta
     served retriever's validation lists. Written to :func:`ranker_folder`; the artifact is not modified."""
     from pipeline.artifacts import load_artifact
     from pipeline.config import TrainConfig
+    from pipeline.evaluate import artifact_data
     from pipeline.train import prepare_split
 
     config = config or SecondStageConfig(trainer=DEMO_TRAINER, student_trainer=DEMO_STUDENT)
     artifact = load_artifact(artifacts)
     train_config = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    raw = train_config.load_data(config.data_path)
-    if raw.fingerprint() != artifact.manifest["data"]["fingerprint"]:
-        raise ArtifactError(f"{artifact.folder}: trained on other data than {raw.name} on disk; pass the "
-                            "data it was trained on (--data-path) or retrain the artifact")
+    try:
+        raw = artifact_data(artifact.manifest, config.data_path, config.events)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{artifact.folder}: {exc}") from exc
     split = prepare_split(raw, train_config)
     served = artifact.retriever
     components = getattr(served, "components", {served.name: served})

@@ -143,6 +143,41 @@ def test_train_folds_the_event_log_into_the_artifact(tmp_path, block_events, mon
     version = (tmp_path / "artifacts" / "LATEST").read_text().strip()
     manifest = json.loads((tmp_path / "artifacts" / version / "manifest.json").read_text())
     assert manifest["data"]["events"]["events"] == 10 and manifest["data"]["events"]["bytes"] == path.stat().st_size
+    assert manifest["data"]["events"]["path"] == str(path.resolve())
+
+
+def test_evaluate_reads_the_folded_prefix_of_the_event_log_again(tmp_path, capsys):
+    """An artifact trained with ``--events`` evaluates: ``shortlist evaluate`` folds the same prefix of the
+    log again (events the server appended since are left out), from the path the manifest records or from
+    ``--events`` when the log moved; a log that does not begin with those bytes is refused."""
+    from pipeline import cli
+    from pipeline.evaluate import evaluate_artifact
+
+    path = tmp_path / "events.log"
+    log = EventLog(path)
+    for user in range(900, 905):
+        log.append(user, 1, 10_000 + user)
+    log.close()
+    artifacts = str(tmp_path / "artifacts")
+    assert cli.main(["train", "--model", "popularity", "--no-tune", "--artifacts", artifacts, "--events", str(path)]) == 0
+    log = EventLog(path)
+    log.append(906, 2, 20_000)  # the server went on writing after the training run
+    log.close()
+    report, manifest = evaluate_artifact(artifacts, n_boot=0)
+    assert report.means["NDCG@10"] == pytest.approx(manifest["metrics"]["test"]["NDCG@10"], abs=1e-5)  # same split
+    assert cli.main(["evaluate", "--artifacts", artifacts]) == 0
+
+    moved = tmp_path / "moved.log"
+    path.rename(moved)
+    assert cli.main(["evaluate", "--artifacts", artifacts]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--artifacts", artifacts, "--events", str(moved)]) == 0
+    other = tmp_path / "other.log"
+    log = EventLog(other)
+    log.append(1, 1, 1)
+    log.close()
+    assert cli.main(["evaluate", "--artifacts", artifacts, "--events", str(other)]) == 2
+    assert "does not begin with the" in capsys.readouterr().err
 
 
 # ---- the cap on users held in memory -------------------------------------------------------------------
