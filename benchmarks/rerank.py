@@ -28,7 +28,8 @@ cross-encoder folder given with ``--title``; each ranker's validation NDCG@10 al
 request at M=50, candidate ids to sorted scores, inputs included, history cache cold) is measured on
 ``--latency-cases`` random test cases at ``--threads`` threads (``meta.latency_M100`` at M=100), and for
 the served row end to end (retrieval, filter, rerank, blend) under ``--budget-ms``. The acceptance checks
-(``meta.protocols.<protocol>.acceptance``) include the student's share of the teacher's gain (both with
+(``meta.protocols.<protocol>.acceptance``) include the run's power (the served gain's standard error and
+the true gain it would show with 80% probability) and the student's share of the teacher's gain (both with
 their hybrid heads, on ``--serve-backend``). LlamaRec's paper rows are listed for reference (leave-one-out
 only). Writes ``benchmarks/results/rerank.json``.
 """
@@ -299,6 +300,10 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         "served_beats_retrieval_ci_above_zero": bool(served_row["dNDCG@10_ci"][0] > 0),
         "served_dNDCG@10": served_row["dNDCG@10"],
         "served_dNDCG@10_ci": served_row["dNDCG@10_ci"],
+        # the run's power: the paired interval's standard error, and the true gain this many cases shows
+        # (lower bound above zero) with 80% probability: (1.96 + 0.84) standard errors
+        "served_dNDCG@10_se": round(paired_se(served_row["dNDCG@10_ci"]), 6),
+        "gain_shown_with_80pct_power": round(2.8 * paired_se(served_row["dNDCG@10_ci"]), 6),
         "served_NDCG@10": served_row["NDCG@10"],
         "served_p50_ms_M50": round(latency[served_name]["p50_ms"], 2),
         "served_p99_ms_M50": round(latency[served_name]["p99_ms"], 2),
@@ -329,6 +334,11 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         "served_choice": stage["served_choice"], "acceptance": checks,
     }
     return rows, meta
+
+
+def paired_se(ci: list[float]) -> float:
+    """Standard error of a paired difference, read off its 95% bootstrap interval (normal approximation)."""
+    return (ci[1] - ci[0]) / (2 * 1.96)
 
 
 def run(args: Any) -> dict[str, Any]:
