@@ -14,27 +14,27 @@ from pipeline.train import prepare_split
 from retrieval.evaluate import evaluate_retriever
 
 
-def artifact_data(manifest: dict[str, Any], data_path: str | None = None, events: str | Path | None = None
-                  ) -> Interactions:
-    """The events an artifact was trained on, read again: its dataset (``data_path`` overrides where it is
-    looked for) plus, when it was trained with ``shortlist train --events``, the same prefix of that event
-    log (from the path its manifest records, or ``events``). Refuses data that is not what it was trained
-    on (fingerprint check), naming the flag that fixes it."""
+def artifact_data(artifact: Any, data_path: str | None = None, events: str | Path | None = None) -> Interactions:
+    """The events a loaded artifact (:func:`~pipeline.artifacts.load_artifact`) was trained on, read again:
+    its dataset (``data_path`` overrides where it is looked for) plus, when it was trained with
+    ``shortlist train --events``, the same prefix of that event log (from the path its manifest records, or
+    ``events``). Refuses data that is not what it was trained on (fingerprint check), naming the artifact
+    and the flag that fixes it."""
     from pipeline.event_log import fold_events
 
-    train_cfg = TrainConfig.from_dict(manifest["config"]["train"])
-    raw = train_cfg.load_data(data_path)
+    manifest = artifact.manifest
+    raw = TrainConfig.from_dict(manifest["config"]["train"]).load_data(data_path)
     folded = (manifest.get("data") or {}).get("events")
     if folded:
         log_path = events or folded.get("path")
         if not log_path:
-            raise ArtifactError(f"this artifact was trained with the event log {folded.get('log')!r} (its first "
+            raise ArtifactError(f"{artifact.folder}: trained with the event log {folded.get('log')!r} (its first "
                                 f"{folded.get('bytes')} bytes); pass it with --events PATH")
         raw = fold_events(raw, log_path, upto=int(folded["bytes"]), sha256=folded["sha256"])
     if raw.fingerprint() != manifest["data"]["fingerprint"]:
         raise ArtifactError(
-            f"trained on data with fingerprint {manifest['data']['fingerprint']}, but {raw.name} on disk "
-            f"has {raw.fingerprint()}; pass the data it was trained on (--data-path) or retrain")
+            f"{artifact.folder}: trained on data with fingerprint {manifest['data']['fingerprint']}, but "
+            f"{raw.name} on disk has {raw.fingerprint()}; pass the data it was trained on (--data-path) or retrain")
     return raw
 
 
@@ -42,11 +42,7 @@ def _artifact_split(artifacts: str | Path, data_path: str | None, events: str | 
     """``(artifact, train config, split)``; refuses data on disk that the artifact was not trained on."""
     artifact = load_artifact(artifacts)
     train_cfg = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    try:
-        raw = artifact_data(artifact.manifest, data_path, events)
-    except ArtifactError as exc:
-        raise ArtifactError(f"{artifact.folder}: {exc}") from exc
-    return artifact, train_cfg, prepare_split(raw, train_cfg)
+    return artifact, train_cfg, prepare_split(artifact_data(artifact, data_path, events), train_cfg)
 
 
 def evaluate_artifact(artifacts: str | Path = "artifacts", data_path: str | None = None,

@@ -297,7 +297,12 @@ def deployment() -> Any:
             import dataclasses
 
             # warmed above, before Serve routes anything here; the app's own start-up only marks it ready
+            import httpx
+
             self.shortlist_app = create_app(self.recommender, dataclasses.replace(self.service, warm_up=False))
+            # the router's requests reach the same app in process (forward)
+            self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.shortlist_app),
+                                             base_url="http://replica", timeout=None)
             return self.shortlist_app
 
         async def forward(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
@@ -306,9 +311,6 @@ def deployment() -> Any:
             endpoints as a request from Serve's proxy); returns ``(status, headers, body)``."""
             import httpx
 
-            if getattr(self, "_client", None) is None:
-                self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.shortlist_app),
-                                                 base_url="http://replica", timeout=None)
             response = await self._client.request(method, httpx.URL(path=path, query=query),
                                                   headers=headers, content=body)
             return response.status_code, list(response.headers.raw), response.content

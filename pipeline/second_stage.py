@@ -309,10 +309,7 @@ def train_artifact_ranker(artifacts: str | Path = "artifacts", config: SecondSta
     config = config or SecondStageConfig(trainer=DEMO_TRAINER, student_trainer=DEMO_STUDENT)
     artifact = load_artifact(artifacts)
     train_config = TrainConfig.from_dict(artifact.manifest["config"]["train"])
-    try:
-        raw = artifact_data(artifact.manifest, config.data_path, config.events)
-    except ArtifactError as exc:
-        raise ArtifactError(f"{artifact.folder}: {exc}") from exc
+    raw = artifact_data(artifact, config.data_path, config.events)
     split = prepare_split(raw, train_config)
     served = artifact.retriever
     components = getattr(served, "components", {served.name: served})

@@ -35,7 +35,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient
-from test_recommender import build_tiny_pipeline
+from test_recommender import TINY_CONFIG, build_tiny_pipeline
 from test_service import wait_ready
 
 from pipeline.budget import LinearLatency
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The README's screenshot: rewritten only when SHORTLIST_UPDATE_SCREENSHOT=1 (else a temporary file).
 README_SCREENSHOT = ROOT / "docs" / "explorer.png"
 KEY = "expl0rer-key"
-CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
+CONFIG = TINY_CONFIG
 SERVICE = {"max_k": 50, "max_history": 60}
 HOW_TO_INSTALL = ("install them with `make browser` (apt-get install chromium, Debian's package) and `make venv` "
                   "(playwright, from the [dev] extra); the test never downloads a browser")

@@ -16,14 +16,14 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from test_recommender import build_tiny_pipeline
+from test_recommender import TINY_CONFIG, build_tiny_pipeline
 
 from pipeline.recommender import Recommender
 from pipeline.recommender_config import RecommenderConfig, ServiceConfig
 from pipeline.service import create_app, request_models
 
 FUZZ_EXAMPLES = int(os.environ.get("SHORTLIST_FUZZ_EXAMPLES", "25"))
-CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
+CONFIG = TINY_CONFIG
 SERVICE = ServiceConfig(max_k=50, max_candidates=30, max_history=40, max_body_bytes=4096, warm_up=False,
                         watch_latest_s=0)
 INT64 = (-(2**53 - 1), 2**53 - 1)  # the JSON-safe integers the API publishes and enforces

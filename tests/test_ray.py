@@ -21,7 +21,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
-from test_recommender import build_tiny_pipeline
+from test_recommender import TINY_CONFIG, build_tiny_pipeline
 
 from data.errors import ConfigError
 from pipeline.recommender import Recommender
@@ -29,7 +29,7 @@ from pipeline.recommender_config import MicroBatchConfig, RecommenderConfig, Ser
 
 pytestmark = pytest.mark.ray
 
-CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
+CONFIG = TINY_CONFIG
 
 
 def free_port() -> int:

@@ -47,6 +47,10 @@ def tiny_events() -> Interactions:
     return Interactions(data.frame, items, name="tiny")
 
 
+#: The RecommenderConfig fields the service, reliability, explorer, fuzz and Ray tests serve the tiny pipeline with.
+TINY_CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
+
+
 def build_tiny_pipeline(root: Path) -> dict:
     """Build and save a tiny pipeline under ``root``: ``{"artifact", "ranker", "split", "events"}``.
 

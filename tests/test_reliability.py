@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("fastapi")
 import httpx
 from fastapi.testclient import TestClient
-from test_recommender import BrokenRanker, build_tiny_pipeline
+from test_recommender import TINY_CONFIG, BrokenRanker, build_tiny_pipeline
 
 from pipeline.recommender import Recommender
 from pipeline.recommender_config import RecommenderConfig, ServiceConfig
@@ -26,7 +26,7 @@ from pipeline.service import create_app
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+
 
-CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
+CONFIG = TINY_CONFIG
 
 
 @pytest.fixture(scope="module")

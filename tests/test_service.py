@@ -23,14 +23,14 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient
-from test_recommender import BrokenRanker, build_tiny_pipeline
+from test_recommender import TINY_CONFIG, BrokenRanker, build_tiny_pipeline
 
 from data.errors import OverloadedError
 from pipeline.recommender import Recommender
 from pipeline.recommender_config import RecommenderConfig, ServiceConfig
 from pipeline.service import create_app
 
-CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
+CONFIG = TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
