@@ -56,6 +56,8 @@ MS = (20, 50, 100)
 #: Scoring backends every ranker is measured on (row label).
 BACKENDS = {"torch": "fp32", "torch-int8": "int8"}
 SERVED_M = 50
+#: The served head's ablation: retrieval score, rank and co-visitation, no cross-encoder (:func:`covisit_only_head`).
+ABLATION = "no reranker: retrieval + co-visitation head"
 PAPER_ROWS = [
     {"protocol": "leave_one_out", "method": "LRURec (paper figure)", "NDCG@10": 0.0705, "Recall@10": 0.1426,
      "MRR@10": 0.0491, "source": "LlamaRec paper, Table 1 (ml-latest-small)"},
@@ -116,12 +118,44 @@ def load_stage(protocol: str, raw: Any, folder: Path, threads: int) -> dict[str,
             "served_choice": choice}
 
 
-def head_scores(ranker: Any, model_scores: np.ndarray, retrieval: np.ndarray, m: int) -> np.ndarray | None:
+def head_scores(ranker: Any, model_scores: np.ndarray, retrieval: np.ndarray, m: int, histories: list[np.ndarray],
+                candidates: np.ndarray) -> np.ndarray | None:
     """``(n, m)`` hybrid-head scores of the top ``m`` (``None`` when the ranker has no head)."""
+    from ranking.blend import extra_features
+
     if not getattr(ranker, "hybrid_head", None):
         return None
     blend = HybridBlend.from_dict(ranker.hybrid_head)
-    return blend.score(model_scores[:, :m], retrieval[:, :m].astype(np.float64))
+    extra = extra_features(blend, ranker, histories, candidates[:, :m])
+    return blend.score(model_scores[:, :m], retrieval[:, :m].astype(np.float64), extra=extra)
+
+
+def covisit_only_head(ranker: Any, retriever: Any, split: Any) -> tuple[Any, int] | None:
+    """The ablation of the served head without the cross-encoder: a head over the retrieval score, log rank
+    and the ranker's co-visitation score only, fitted and its M chosen on validation by the same rule as
+    :func:`ranking.item_trainer.fit_hybrid_head` (the cross-encoder column is held at 0, which z-scores to
+    0, so it carries nothing). ``(blend, M)``, or ``None`` when the ranker has no co-visitation counts or
+    no such head beats the retrieval order on validation. The retriever must hold ``split.history("val")``."""
+    from ranking.config import BlendConfig
+    from ranking.item_trainer import validation_set
+
+    if getattr(ranker, "covisit", None) is None:
+        return None
+    lists, retrieval = validation_set(retriever, split, ranker.items, max(MS))
+    histories = [ranker.items.external(h) for h in lists.histories]
+    ids = np.where(lists.candidates >= 0, ranker.items.ids[np.maximum(lists.candidates, 0)], -1)
+    covisit = ranker.covisit.score_lists(histories, ids)
+    config = BlendConfig(features=("ce", "retrieval", "log_rank", "covisit"))
+    best = None
+    for m in MS:
+        inside = np.flatnonzero(lists.target_col < m)
+        blank = np.where(np.isfinite(retrieval[inside, :m]), 0.0, -np.inf)
+        blend = HybridBlend(config).fit(blank, retrieval[inside, :m], lists.target_col[inside],
+                                        n_users=lists.n_users, extra={"covisit": covisit[inside, :m]})
+        gain = blend.report["cv_ndcg@10_blend"] - blend.report["cv_ndcg@10_retrieval"]
+        if blend.use_blend and (best is None or gain > best[2]):
+            best = (blend, m, gain)
+    return None if best is None else best[:2]
 
 
 def validation_ndcg(rankers: dict[str, Any], retriever: Any, split: Any, m: int) -> dict[str, float]:
@@ -211,6 +245,7 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
     validation = validation_ndcg(rankers, retriever, split, SERVED_M)
     validation_m20 = validation_ndcg(rankers, retriever, split, 20)
     print(f"{protocol}: validation NDCG@10 at M={SERVED_M}: {validation}; at M=20: {validation_m20}")
+    ablation = covisit_only_head(served_model, retriever, split)
     retriever.set_history(split.history("test"))
     cases = split.cases("test")
     n_items = len(split.items)
@@ -231,12 +266,20 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         for m in MS:
             lists[f"{name} alone top-{m}"] = (m, rerank_rows(ids, model_scores[name], m))
         head_m = getattr(ranker, "head_m", None)
-        hybrid = head_scores(ranker, model_scores[name], scores, head_m) if head_m else None
+        hybrid = head_scores(ranker, model_scores[name], scores, head_m, cases.histories, ids) if head_m else None
         if hybrid is not None:
             full = np.full(ids.shape, -np.inf)
             full[:, :head_m] = hybrid
             used = "" if HybridBlend.from_dict(ranker.hybrid_head).use_blend else " (lost on validation: retrieval order)"
             lists[f"{name} + hybrid head top-{head_m}{used}"] = (head_m, rerank_rows(ids, full, head_m))
+
+    if ablation is not None:  # what the served head gains without the cross-encoder
+        blend, m = ablation
+        blank = np.where(np.isfinite(scores[:, :m]), 0.0, -np.inf)
+        extra = {"covisit": served_model.covisit.score_lists(cases.histories, ids[:, :m])}
+        full = np.full(ids.shape, -np.inf)
+        full[:, :m] = blend.score(blank, scores[:, :m].astype(np.float64), extra=extra)
+        lists[f"{ABLATION} top-{m}"] = (m, rerank_rows(ids, full, m))
 
     config = RecommenderConfig(max_m=max(MS), threads=args.threads, calibrate=False)  # the head's M caps it
     recommender = Recommender(retriever, served_model, config=config)
@@ -316,6 +359,13 @@ def run_protocol(protocol: str, stage: dict[str, Any], args: Any) -> tuple[list[
         "student_p50_ms_M50": round(latency[student_name]["p50_ms"], 2),
         "student_p99_ms_M50": round(latency[student_name]["p99_ms"], 2),
     }
+    ablation_name = next((name for name in reports if name.startswith(ABLATION)), None)
+    if ablation_name is not None:  # the cross-encoder's own part of the served gain, paired
+        served_ndcg = reports["two-stage (served)"].per_user["NDCG@10"]
+        rest = reports[ablation_name].per_user["NDCG@10"]
+        lo, hi = paired_bootstrap_ci(served_ndcg, rest, seed=args.seed, clusters=clusters)
+        checks["served_vs_no_reranker_head_dNDCG@10"] = round(float((served_ndcg - rest).mean()), 6)
+        checks["served_vs_no_reranker_head_dNDCG@10_ci"] = [round(lo, 6), round(hi, 6)]
     if protocol == "leave_one_out":
         checks["at_or_above_llamarec_0.0759"] = bool(served_row["NDCG@10"] >= LLAMAREC_NDCG)
     teacher_meta = stage["teacher"].meta

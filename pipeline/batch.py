@@ -58,7 +58,10 @@ def rerank_lists(ranker: Any, histories: Sequence[np.ndarray], ids: np.ndarray, 
     ce[:, :m] = np.where(ids[:, :m] >= 0, head, np.nan)
     order_scores = head.astype(np.float64)
     if blend is not None:
-        order_scores = blend.score(head, np.where(ids[:, :m] >= 0, scores[:, :m], -np.inf))
+        from ranking.blend import extra_features
+
+        extra = extra_features(blend, ranker, histories, ids[:, :m])
+        order_scores = blend.score(head, np.where(ids[:, :m] >= 0, scores[:, :m], -np.inf), extra=extra)
     order = np.argsort(-np.where(ids[:, :m] >= 0, order_scores, -np.inf), axis=1, kind="stable")
     full = np.concatenate([order, np.broadcast_to(np.arange(m, ids.shape[1]), (ids.shape[0], ids.shape[1] - m))],
                           axis=1)
@@ -157,6 +160,10 @@ class CandidateJob:
             from ranking.blend import HybridBlend
 
             blend = HybridBlend.from_dict(ranker.hybrid_head)
+        if blend is not None:
+            from ranking.blend import check_extra
+
+            check_extra(blend, ranker)
         return cls(retriever, k, exclude_seen, ranker, min(int(rerank_m), k), blend, histories)
 
     def frame(self, batch: np.ndarray) -> pd.DataFrame:

@@ -130,6 +130,10 @@ class Recommender:
             from ranking.blend import HybridBlend
 
             self.blend = blend = HybridBlend.from_dict(ranker.hybrid_head)
+        if blend is not None:
+            from ranking.blend import check_extra
+
+            check_extra(blend, ranker)
         # the ranker's own head was chosen on validation for a shortlist size: rerank that deep (at most max_m)
         self.head_m: int | None = getattr(ranker, "head_m", None) if own_head else None
         # a blend that lost to the retrieval order in cross-validation would only reproduce that order: the
@@ -399,7 +403,7 @@ class Recommender:
         if ce is not None:
             head = ce.astype(np.float64)
             if self.blend is not None and c.blend:
-                head = self._blended(ce, scores[:m])
+                head = self._blended(ce, scores[:m], ranker_history, ids[:m])
             elif self.residual_base is not None:
                 head = base_offsets(self.residual_base, scores[None, :m])[0] + head
             top = np.argsort(-head, kind="stable")
@@ -485,8 +489,13 @@ class Recommender:
             timings["rerank_wait"] = max(0.0, (future.started - submitted) * 1000)
         return scores, None
 
-    def _blended(self, ce: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
-        return np.asarray(self.blend.score(ce[None], retrieval[None].astype(np.float64))[0], dtype=np.float64)
+    def _blended(self, ce: np.ndarray, retrieval: np.ndarray, history: np.ndarray, candidates: np.ndarray
+                 ) -> np.ndarray:
+        from ranking.blend import extra_features
+
+        extra = extra_features(self.blend, self.ranker, [history], candidates[None])
+        return np.asarray(self.blend.score(ce[None], retrieval[None].astype(np.float64), extra=extra)[0],
+                          dtype=np.float64)
 
     def _title(self, item_id: int) -> str | None:
         if self.items is None or "title" not in getattr(self.items, "columns", ()):

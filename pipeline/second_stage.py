@@ -34,6 +34,7 @@ from data.config import JsonConfig, require
 from data.errors import ArtifactError, ConfigError
 from data.io import atomic_write_json
 from data.protocol import PROTOCOLS
+from ranking.covisit import CovisitConfig
 from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
 from retrieval.two_tower import TwoTowerConfig
 
@@ -67,6 +68,8 @@ class SecondStageConfig(JsonConfig):
         student_trainer: the student's training (distillation).
         hybrid_ms: shortlist sizes the hybrid heads are fitted for; validation picks one per ranker
             (:func:`ranking.item_trainer.fit_hybrid_head`).
+        covisit: the co-visitation counts the heads may read (validation decides whether they do);
+            ``None`` fits heads without them.
         student_keep: share of the teacher's cross-validated gain over the retrieval order (on validation)
             the student must keep to be the served ranker; otherwise the teacher is served
             (:func:`choose_served`, written to ``SERVED_FILE``).
@@ -89,6 +92,7 @@ class SecondStageConfig(JsonConfig):
     student_trainer: ItemTrainerConfig = field(
         default_factory=lambda: ItemTrainerConfig(max_steps=1500, learning_rate=1e-3, warmup_steps=50))
     hybrid_ms: tuple[int, ...] = (20, 50, 100)
+    covisit: CovisitConfig | None = field(default_factory=CovisitConfig)
     student_keep: float = 0.8
     out: str = "artifacts/rerank"
     retrain: bool = False
@@ -157,7 +161,7 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
         teacher.meta["retriever"] = getattr(candidates, "name", config.retriever)
     else:
         log.info("teacher loaded from %s", folder / TEACHER_DIR)
-    fit_hybrid_head(teacher, serving, split, config.hybrid_ms)
+    fit_hybrid_head(teacher, serving, split, config.hybrid_ms, covisit=config.covisit or False)
     teacher.meta["serving_retriever"] = getattr(serving, "name", type(serving).__name__)
     teacher.save(folder / TEACHER_DIR)
     out = {"folder": str(folder / TEACHER_DIR), "training": teacher.meta.get("training"),
@@ -169,7 +173,7 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
         student, record = distill_item_ranker(teacher, split, candidates, tuple(config.student_layers),
                                               student_trainer, teacher_name=str(folder / TEACHER_DIR),
                                               ffn_width=student_width(teacher, config.student_ffn))
-        fit_hybrid_head(student, serving, split, config.hybrid_ms)
+        fit_hybrid_head(student, serving, split, config.hybrid_ms, covisit=config.covisit or False)
         student.meta["retriever"] = teacher.meta.get("retriever")
         student.meta["serving_retriever"] = teacher.meta["serving_retriever"]
         student.save(folder / STUDENT_DIR)
@@ -275,7 +279,8 @@ def refit_heads(config: SecondStageConfig | None = None, *, raw: Any = None) -> 
         if ranker.meta.get("history_fingerprint") != split.history("val").fingerprint():
             raise ArtifactError(f"{folder / name}: trained on another split; retrain it (python -m "
                                 "pipeline.second_stage --retrain)")
-        reports[name] = fit_hybrid_head(ranker, retriever, split, config.hybrid_ms).report
+        reports[name] = fit_hybrid_head(ranker, retriever, split, config.hybrid_ms,
+                                        covisit=config.covisit or False).report
         ranker.save(folder / name)
         rankers[name] = ranker
     if TEACHER_DIR in rankers:

@@ -6,6 +6,8 @@ Per candidate of a top-M list, the features are
 * ``retrieval``: the retrieval score, z-scored within the list;
 * ``log_rank``: ``log(rank)`` of the 1-based retrieval rank;
 * ``source``: one-hot of the retriever that found the candidate, when the candidates carry it;
+* ``covisit``: the co-visitation score of the candidate after the request's recent items
+  (:class:`~ranking.covisit.Covisitation`, carried by the ranker; :func:`extra_features` computes it);
 
 and the hybrid score is their weighted sum. The weights are fitted on validation lists by a listwise
 softmax (the held-out item against the rest of its list) with an L2 penalty.
@@ -23,12 +25,34 @@ from typing import Any
 
 import numpy as np
 
-from data.errors import ArtifactError, DataValidationError, NotFittedError
+from data.errors import ArtifactError, ConfigError, DataValidationError, NotFittedError
 from data.io import atomic_write_json
 from ranking.config import BlendConfig
 from ranking.data import reranked_ndcg
 
 BLEND_KIND = "hybrid_blend"
+#: Features computed outside the blend from the ranker and the request (:func:`extra_features`).
+EXTRA_FEATURES = ("covisit",)
+
+
+def extra_features(blend: HybridBlend, ranker: Any, histories: Any, candidates: np.ndarray
+                   ) -> dict[str, np.ndarray] | None:
+    """The ``extra`` features ``blend`` reads, for ``(n, M)`` candidate ids (``-1`` pads) and their
+    histories (item ids, oldest first), from what ``ranker`` carries (its co-visitation counts); ``None``
+    when the blend reads none. A blend that reads one the ranker lacks raises :class:`ConfigError`."""
+    if not blend.extra_names or not blend.use_blend:
+        return None
+    check_extra(blend, ranker)
+    return {"covisit": ranker.covisit.score_lists(list(histories), np.asarray(candidates))}
+
+
+def check_extra(blend: Any, ranker: Any) -> None:
+    """Raise :class:`ConfigError` when ``blend`` reads a feature ``ranker`` cannot give (checked when a
+    recommender or a batch job is built, so nothing fails mid-run)."""
+    if "covisit" in getattr(blend, "extra_names", ()) and getattr(ranker, "covisit", None) is None:
+        raise ConfigError("this hybrid head reads co-visitation scores ('covisit') and the ranker carries no "
+                          "co-visitation counts; serve the head with the ranker it was fitted with, refit it "
+                          "(python -m pipeline.second_stage --heads-only) or fit the blend without 'covisit'")
 
 
 def _zscore(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -57,11 +81,18 @@ class HybridBlend:
         self.report: dict[str, Any] = {}
 
     # ---- features -------------------------------------------------------------------------------
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """The features the caller must pass in ``extra`` (computed outside the blend: ``"covisit"``)."""
+        return tuple(name for name in self.config.features if name in EXTRA_FEATURES)
+
     def features(self, ce: np.ndarray, retrieval: np.ndarray, sources: np.ndarray | None = None,
-                 n_sources: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                 n_sources: int | None = None, extra: dict[str, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(X, valid, names)``: ``(n, M, F)`` features, the ``(n, M)`` validity mask and feature names.
 
         Columns of ``ce``/``retrieval`` are candidates in retrieval order; ``-inf`` (or NaN) marks padding.
+        ``extra`` holds the features of :attr:`extra_names`, each ``(n, M)``.
         """
         ce = np.asarray(ce, dtype=np.float64)
         retrieval = np.asarray(retrieval, dtype=np.float64)
@@ -89,6 +120,14 @@ class HybridBlend:
                 for s in range(count):
                     columns.append(np.where(valid & (sources == s), 1.0, 0.0))
                     names.append(f"source={s}")
+            elif name in EXTRA_FEATURES:
+                value = None if extra is None else extra.get(name)
+                if value is None or np.shape(value) != ce.shape:
+                    raise DataValidationError(
+                        f"this hybrid head reads the {name!r} feature: pass extra={{{name!r}: (lists, M) array}} "
+                        f"of shape {ce.shape} (ranking.blend.extra_features computes it from the ranker)")
+                columns.append(np.where(valid, np.asarray(value, dtype=np.float64), 0.0))
+                names.append(name)
         X = np.stack(columns, axis=-1) if columns else np.zeros((*ce.shape, 0))
         return X, valid, names
 
@@ -114,7 +153,7 @@ class HybridBlend:
         return w.detach().numpy().copy()
 
     def fit(self, ce: np.ndarray, retrieval: np.ndarray, target_col: np.ndarray, n_users: int | None = None,
-            sources: np.ndarray | None = None) -> HybridBlend:
+            sources: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> HybridBlend:
         """Fit on validation lists that hold their target at column ``target_col``.
 
         ``n_users`` counts every validation user (lists without the target add 0 to NDCG@10); it only
@@ -124,7 +163,7 @@ class HybridBlend:
         if target_col.shape != (np.asarray(ce).shape[0],):
             raise DataValidationError(f"target_col must have one entry per list; got {target_col.shape}")
         self.n_sources = int(np.asarray(sources).max(initial=-1) + 1) if sources is not None else 0
-        X, valid, names = self.features(ce, retrieval, sources, self.n_sources)
+        X, valid, names = self.features(ce, retrieval, sources, self.n_sources, extra)
         if len(target_col) and not valid[np.arange(len(target_col)), target_col].all():
             raise DataValidationError("every list's target column must hold a valid (finite) candidate")
         self.feature_names = names
@@ -152,22 +191,24 @@ class HybridBlend:
         return self
 
     # ---- scoring --------------------------------------------------------------------------------
-    def score(self, ce: np.ndarray, retrieval: np.ndarray, sources: np.ndarray | None = None) -> np.ndarray:
+    def score(self, ce: np.ndarray, retrieval: np.ndarray, sources: np.ndarray | None = None,
+              extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """``(n, M)`` hybrid scores (``-inf`` on padding). When the blend did not beat retrieval on
         validation, the score is ``-column``, which keeps the retrieval order exactly."""
         if self.weights is None:
             raise NotFittedError("HybridBlend: call fit() or load() before score()")
-        X, valid, _ = self.features(ce, retrieval, sources, self.n_sources)
         if not self.use_blend:
-            order = -np.broadcast_to(np.arange(X.shape[1], dtype=np.float64), valid.shape)
+            valid = np.isfinite(np.asarray(ce, dtype=np.float64)) & np.isfinite(np.asarray(retrieval, dtype=np.float64))
+            order = -np.broadcast_to(np.arange(valid.shape[1], dtype=np.float64), valid.shape)
             return np.where(valid, order, -np.inf)
+        X, valid, _ = self.features(ce, retrieval, sources, self.n_sources, extra)
         return np.where(valid, X @ self.weights, -np.inf)
 
     def rerank(self, candidates: np.ndarray, ce: np.ndarray, retrieval: np.ndarray,
-               sources: np.ndarray | None = None) -> np.ndarray:
+               sources: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The candidate ids of each row reordered by the hybrid score (padding ``-1`` last)."""
         candidates = np.asarray(candidates)
-        order = np.argsort(-self.score(ce, retrieval, sources), axis=1, kind="stable")
+        order = np.argsort(-self.score(ce, retrieval, sources, extra), axis=1, kind="stable")
         return np.take_along_axis(candidates, order, axis=1)
 
     # ---- persistence ----------------------------------------------------------------------------

@@ -213,8 +213,9 @@ class BlendConfig(JsonConfig):
     Attributes:
         features: which signals enter the score: ``"ce"`` (cross-encoder score, z-scored per list),
             ``"retrieval"`` (retrieval score, z-scored per list), ``"log_rank"`` (log of the 1-based
-            retrieval rank) and ``"source"`` (one-hot of the retriever that found the candidate, when the
-            candidates carry it).
+            retrieval rank), ``"source"`` (one-hot of the retriever that found the candidate, when the
+            candidates carry it) and ``"covisit"`` (the ranker's co-visitation score of the candidate after
+            the request's recent items, :mod:`ranking.covisit`).
         l2: L2 penalty on the weights.
         folds: cross-validation folds over validation users that decide blend vs retrieval order.
         min_gain: the blend must beat retrieval order on cross-validated NDCG@10 by more than this, else
@@ -231,7 +232,7 @@ class BlendConfig(JsonConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        known = ("ce", "retrieval", "log_rank", "source")
+        known = ("ce", "retrieval", "log_rank", "source", "covisit")
         bad = [f for f in self.features if f not in known]
         require(not bad, f"BlendConfig.features has unknown names {bad}; choose from {list(known)}")
         require("ce" in self.features, "BlendConfig.features must include 'ce'")

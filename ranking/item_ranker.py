@@ -16,6 +16,9 @@ score and rank may travel in the manifest (``meta["hybrid_head"]``, :meth:`ItemT
 the recommender then serves that blend. It is fitted on validation lists the model never trained on
 (:func:`ranking.item_trainer.fit_hybrid_head`), because a retrieval score of a training position is
 in-sample (the retriever trained on that event) and would teach the head to trust retrieval too much.
+A head that reads the co-visitation feature needs the ranker's :attr:`ItemTokenRanker.covisit` counts
+(:mod:`ranking.covisit`), saved beside the weights as ``covisit.safetensors`` (checksummed in the manifest,
+with their own item vocabulary).
 
 Saved form (written atomically): ``model.safetensors`` (every weight and the item feature buffers) and
 ``manifest.json`` (config, encoder config, item vocabulary, how many items have ids, genre names, tensor
@@ -59,6 +62,8 @@ from ranking.weights import load_checked, merged_state_dict
 
 RANKER_KIND = "item_token_ranker"
 MODEL_FILE = "model.safetensors"
+#: The co-visitation counts the hybrid head may read (:mod:`ranking.covisit`), when the ranker carries them.
+COVISIT_FILE = "covisit.safetensors"
 #: Backends of the item-token ranker and their tolerance against fp32 (max |score difference| in units of
 #: max(1, std of the fp32 scores)).
 ITEM_BACKENDS = {"torch": 1e-5, "torch-int8": 0.15}
@@ -155,6 +160,8 @@ class ItemTokenRanker:
         self.meta = dict(meta or {})
         self.device = torch.device(device)
         self.backend = ItemBackend(model, "torch", config.threads, device)
+        #: co-visitation counts for the hybrid head's ``"covisit"`` feature (:mod:`ranking.covisit`), or None
+        self.covisit: Any = None
         self._histories: dict[int, np.ndarray] = {}
         self._cache: OrderedDict[Any, tuple[bytes, ItemHistoryState]] = OrderedDict()
         self.cache_hits = 0
@@ -424,6 +431,14 @@ class ItemTokenRanker:
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             save_file(state, str(tmp / MODEL_FILE))
+            files = [MODEL_FILE]
+            extra: dict[str, Any] = {}
+            if self.covisit is not None:
+                from safetensors.numpy import save_file as save_numpy
+
+                save_numpy(self.covisit.to_tensors(), str(tmp / COVISIT_FILE))
+                files.append(COVISIT_FILE)
+                extra["covisit"] = self.covisit.to_manifest()
             write_manifest(tmp, {
                 "kind": RANKER_KIND,
                 "config": self.config.to_dict(),
@@ -435,7 +450,8 @@ class ItemTokenRanker:
                 "metrics": metrics or {},
                 "meta": self.meta,
                 "versions": library_versions(),
-                "files": file_checksums(tmp, [MODEL_FILE]),
+                **extra,
+                "files": file_checksums(tmp, files),
             })
         return folder
 
@@ -472,6 +488,18 @@ class ItemTokenRanker:
         ranker = cls(model.to(device), items, config, encoder_config=manifest["encoder_config"],
                      genre_names=genre_names, meta=manifest.get("meta", {}), device=device)
         ranker.meta["metrics"] = manifest.get("metrics", {})
+        if "covisit" in manifest:
+            from safetensors.numpy import load_file
+
+            from ranking.covisit import Covisitation
+
+            if COVISIT_FILE not in manifest.get("files", {}):
+                raise ArtifactError(f"{folder}: the manifest does not checksum {COVISIT_FILE}; re-create the artifact")
+            try:
+                tensors = load_file(str(folder / COVISIT_FILE))
+            except Exception as exc:
+                raise ArtifactError(f"{folder / COVISIT_FILE}: cannot read it ({exc}); re-create the artifact") from exc
+            ranker.covisit = Covisitation.from_tensors(tensors, manifest["covisit"], str(folder))
         return ranker
 
 

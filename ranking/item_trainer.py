@@ -10,8 +10,8 @@
 * With a ``teacher`` (distillation, :func:`distill_item_ranker`), a listwise KL to the teacher's scores on
   the same lists is added to the loss. The student starts from the teacher's weights with a subset of its
   layers (:func:`student_from`).
-* :func:`fit_hybrid_head`: a :class:`~ranking.blend.HybridBlend` over the model's score and the retrieval
-  score and rank, fitted on the validation lists (targets the model never trained on) and kept only when
+* :func:`fit_hybrid_head`: a :class:`~ranking.blend.HybridBlend` over the model's score, the retrieval
+  score and rank and (when validation prefers it) the co-visitation score, fitted on the validation lists (targets the model never trained on) and kept only when
   it beats the retrieval order in cross-validation; it travels in the ranker's manifest.
 """
 
@@ -325,42 +325,62 @@ HEAD_MS = (20, 50, 100)
 
 
 def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: int | tuple[int, ...] = HEAD_MS,
-                    blend_config: Any = None) -> Any:
+                    blend_config: Any = None, covisit: Any = True) -> Any:
     """Fit the hybrid head on validation lists and set it on ``ranker``; returns the chosen
     :class:`~ranking.blend.HybridBlend`.
 
-    For each shortlist size M in ``ms`` a head is fitted on the retriever's top M of every validation target
-    (targets inside; the model never trained on them) and cross-validated against the retrieval order. The
-    served head is the one with the largest cross-validated gain among those that beat the retrieval order;
-    when none does, the ranker carries the M=50 (or first) head with ``use_blend`` False, and the recommender
-    serves the retrieval order without running the reranker. The chosen M is ``blend.report["m"]`` (the
-    depth the recommender reranks, :attr:`~ranking.item_ranker.ItemTokenRanker.head_m`); every M's
-    cross-validation is kept in ``blend.report["by_m"]``.
+    For each shortlist size M in ``ms``, and with and without the co-visitation feature (``"covisit"``,
+    :mod:`ranking.covisit`), a head is fitted on the retriever's top M of every validation target (targets
+    inside; the model never trained on them) and cross-validated against the retrieval order. The served
+    head is the one with the largest cross-validated gain among those that beat the retrieval order; when
+    none does, the ranker carries the M=50 (or first) head without co-visitation and with ``use_blend``
+    False, and the recommender serves the retrieval order without running the reranker. The chosen M is
+    ``blend.report["m"]`` (the depth the recommender reranks, :attr:`~ranking.item_ranker.ItemTokenRanker.head_m`);
+    every candidate's cross-validation is kept in ``blend.report["by_m"]``.
+
+    ``covisit``: ``True`` fits the co-visitation counts on ``split.history("val")`` (the events the ranker
+    trained on) and sets them on the ranker (``ranker.covisit``); a
+    :class:`~ranking.covisit.CovisitConfig` does so with that config; ``False`` tries heads without it only.
     """
     from ranking.blend import HybridBlend
+    from ranking.config import BlendConfig
+    from ranking.covisit import Covisitation, CovisitConfig
 
     ms = (ms,) if isinstance(ms, int) else tuple(ms)
     if not ms or any(m < 2 for m in ms):
         raise ConfigError(f"fit_hybrid_head: ms must be shortlist sizes >= 2, got {ms!r}")
+    base = blend_config or BlendConfig()
+    configs = {"": base}
+    if covisit is not False and covisit is not None:
+        history = split.history("val")
+        config = covisit if isinstance(covisit, CovisitConfig) else CovisitConfig()
+        current = ranker.covisit
+        if current is None or current.fingerprint != history.fingerprint() or current.config != config:
+            ranker.covisit = Covisitation(config).fit(history, ranker.items)
+        if "covisit" not in base.features:
+            configs["+covisit"] = dataclasses.replace(base, features=(*base.features, "covisit"))
     deepest, retrieval_scores = validation_set(retriever, split, ranker.items, max(ms))
     histories = [ranker.items.external(h) for h in deepest.histories]
     ids = np.where(deepest.candidates >= 0, ranker.items.ids[np.maximum(deepest.candidates, 0)], -1)
     scores = ranker.score_lists(histories, ids)
+    covisit_scores = ranker.covisit.score_lists(histories, ids) if ranker.covisit is not None else None
     heads, by_m = {}, {}
     for m in ms:
         inside = np.flatnonzero(deepest.target_col < m)
-        blend = HybridBlend(blend_config).fit(scores[inside, :m], retrieval_scores[inside, :m],
-                                              deepest.target_col[inside], n_users=deepest.n_users)
-        blend.report["m"] = m
-        heads[m] = blend
-        by_m[str(m)] = {k: blend.report[k] for k in ("cv_ndcg@10_blend", "cv_ndcg@10_retrieval", "lists",
-                                                     "use_blend")}
-    winners = [m for m in ms if heads[m].use_blend]
+        for suffix, config in configs.items():
+            extra = {"covisit": covisit_scores[inside, :m]} if "covisit" in config.features else None
+            blend = HybridBlend(config).fit(scores[inside, :m], retrieval_scores[inside, :m],
+                                            deepest.target_col[inside], n_users=deepest.n_users, extra=extra)
+            blend.report["m"] = m
+            heads[f"{m}{suffix}"] = blend
+            by_m[f"{m}{suffix}"] = {k: blend.report[k] for k in ("cv_ndcg@10_blend", "cv_ndcg@10_retrieval", "lists",
+                                                                 "use_blend")}
+    winners = [key for key, head in heads.items() if head.use_blend]
     if winners:
-        chosen = max(winners, key=lambda m: heads[m].report["cv_ndcg@10_blend"] - heads[m].report[
+        chosen = max(winners, key=lambda key: heads[key].report["cv_ndcg@10_blend"] - heads[key].report[
             "cv_ndcg@10_retrieval"])
     else:
-        chosen = 50 if 50 in heads else ms[0]
+        chosen = "50" if 50 in ms else str(ms[0])
     blend = heads[chosen]
     blend.report["by_m"] = by_m
     ranker.set_hybrid_head(blend)

@@ -184,13 +184,18 @@ def test_hybrid_head_travels_in_the_manifest_and_the_recommender_serves_it(train
     blend = fit_hybrid_head(ranker, retriever, split, (6, 12))
     assert blend.report["lists"] > 0 and ranker.hybrid_head["kind"] == "hybrid_blend"
     by_m = blend.report["by_m"]
-    assert set(by_m) == {"6", "12"} and ranker.head_m == blend.report["m"] in (6, 12)
+    # each M with and without the co-visitation feature, whose counts the ranker now carries
+    assert set(by_m) == {"6", "12", "6+covisit", "12+covisit"} and ranker.head_m == blend.report["m"] in (6, 12)
+    assert ranker.covisit is not None and ranker.covisit.fingerprint == split.history("val").fingerprint()
     assert by_m["6"]["lists"] <= by_m["12"]["lists"]  # a deeper list holds at least as many targets
-    if blend.use_blend:  # the served M has the largest cross-validated gain among the winners
-        gains = {int(m): r["cv_ndcg@10_blend"] - r["cv_ndcg@10_retrieval"] for m, r in by_m.items() if r["use_blend"]}
-        assert ranker.head_m == max(gains, key=gains.get)
+    if blend.use_blend:  # the served head has the largest cross-validated gain among the winners
+        gains = {key: r["cv_ndcg@10_blend"] - r["cv_ndcg@10_retrieval"] for key, r in by_m.items() if r["use_blend"]}
+        best = max(gains, key=gains.get)
+        assert ranker.head_m == int(best.split("+")[0])
+        assert ("covisit" in blend.config.features) == best.endswith("+covisit")
     loaded = ItemTokenRanker.load(ranker.save(tmp_path / "r"))
     assert HybridBlend.from_dict(loaded.hybrid_head).use_blend == blend.use_blend and loaded.head_m == ranker.head_m
+    np.testing.assert_array_equal(loaded.covisit.counts.toarray(), ranker.covisit.counts.toarray())
     test_retriever = retriever.set_history(split.history("test"))
     rec = Recommender(test_retriever, loaded)
     assert rec.blend is not None and rec.head_m == ranker.head_m
@@ -205,6 +210,7 @@ def test_hybrid_head_travels_in_the_manifest_and_the_recommender_serves_it(train
     assert out.path == "retrieval" and out.reranked_m == 0 and not out.degraded
     assert rec.describe()["rerank_skipped"]
     retriever.set_history(split.history("val"))
+    assert fit_hybrid_head(ranker, retriever, split, (6,), covisit=False).report["by_m"].keys() == {"6"}
 
 
 def test_recommender_plans_item_tokens_with_one_token_per_candidate(trained):

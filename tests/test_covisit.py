@@ -1,0 +1,146 @@
+"""Co-visitation counts (ranking/covisit.py): known answers, batch equals single, persistence inside the
+ranker's folder, and the hybrid head that reads them, online and in batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data.dataset import Interactions
+from data.errors import ArtifactError, ConfigError, DataValidationError, NotFittedError
+from data.vocab import IdVocab
+from ranking.blend import HybridBlend, extra_features
+from ranking.config import BlendConfig
+from ranking.covisit import Covisitation, CovisitConfig
+
+
+def events(seqs: dict[int, list[int]]) -> Interactions:
+    rows = [{"user_id": u, "item_id": i, "timestamp": t} for u, s in seqs.items() for t, i in enumerate(s)]
+    return Interactions(pd.DataFrame(rows), name="covisit-test")
+
+
+ITEMS = IdVocab(np.array([1, 2, 3, 4]), name="item")
+DATA = events({10: [1, 2, 3], 11: [1, 2], 12: [2, 1], 13: [4, 3, 2]})
+
+
+def test_counts_pairs_within_the_window_and_weights_recent_items():
+    one = Covisitation(CovisitConfig(window=1, recent=1)).fit(DATA, ITEMS)
+    # window 1: 1->2 twice (users 10, 11), 2->3 once, 2->1 once, 4->3 once, 3->2 once
+    np.testing.assert_allclose(one.score([4, 1], [2, 3, 99, -1]), np.log1p([2, 0, 0, 0]))
+    np.testing.assert_allclose(one.score([1, 2], [3, 1]), np.log1p([1, 1]))
+    two = Covisitation(CovisitConfig(window=2, recent=2)).fit(DATA, ITEMS)
+    # the latest item (2) votes with weight 1, the one before (1) with 1/2; window 2 adds 1->3 and 4->2
+    expected = {3: 1 * 1 + 0.5 * 1, 4: 0.0}
+    np.testing.assert_allclose(two.score([1, 2], [3, 4]), np.log1p([expected[3], expected[4]]))
+    assert two.score([], [1, 2]).tolist() == [0.0, 0.0]  # an empty history says nothing
+    assert two.score([99], [1, 2]).tolist() == [0.0, 0.0]  # nor one of unknown items
+
+
+def test_score_lists_equals_one_history_at_a_time():
+    model = Covisitation().fit(DATA, ITEMS)
+    histories = [np.array([1]), np.array([4, 3]), np.array([], dtype=np.int64)]
+    candidates = np.array([[2, 3, -1], [2, 1, 4], [1, 2, 3]])
+    batch = model.score_lists(histories, candidates)
+    for i, history in enumerate(histories):
+        np.testing.assert_array_equal(batch[i], model.score(history, candidates[i]))
+    with pytest.raises(DataValidationError, match=r"\(n, M\)"):
+        model.score_lists(histories, candidates[:2])
+
+
+def test_bad_config_and_unfitted_use_are_refused_with_the_field_named():
+    with pytest.raises(ConfigError, match="window"):
+        CovisitConfig(window=0)
+    with pytest.raises(ConfigError, match="recent"):
+        CovisitConfig(recent=1.5)
+    with pytest.raises(NotFittedError, match="fit"):
+        Covisitation().score([1], [2])
+    with pytest.raises(DataValidationError, match="no events"):
+        Covisitation().fit(Interactions(DATA.frame.iloc[:0], name="empty"), ITEMS)
+    assert CovisitConfig.from_dict(json.loads(json.dumps(CovisitConfig(window=5).to_dict()))) == CovisitConfig(window=5)
+
+
+def test_tensors_round_trip_and_a_mismatch_is_refused():
+    model = Covisitation().fit(DATA, ITEMS)
+    again = Covisitation.from_tensors(model.to_tensors(), model.to_manifest(), "here")
+    np.testing.assert_array_equal(again.score([1, 2], [3, 4, 1]), model.score([1, 2], [3, 4, 1]))
+    assert again.fingerprint == DATA.fingerprint()
+    tensors = model.to_tensors()
+    tensors["covisit_indptr"] = tensors["covisit_indptr"][:-1]
+    with pytest.raises(ArtifactError, match="do not match"):
+        Covisitation.from_tensors(tensors, model.to_manifest(), "here")
+
+
+def covisit_head(m: int) -> HybridBlend:
+    """A fitted-looking head that trusts co-visitation only (weights set by hand)."""
+    blend = HybridBlend(BlendConfig(features=("ce", "retrieval", "log_rank", "covisit")))
+    blend.weights = np.array([0.0, 0.0, 0.0, 1.0])
+    blend.feature_names = ["ce", "retrieval", "log_rank", "covisit"]
+    blend.use_blend = True
+    blend.report = {"m": m}
+    return blend
+
+
+def test_a_head_that_reads_covisit_needs_the_scores_and_the_ranker_to_carry_them():
+    blend = covisit_head(3)
+    ce, retrieval = np.zeros((1, 3)), np.array([[3.0, 2.0, 1.0]])
+    with pytest.raises(DataValidationError, match="covisit"):
+        blend.score(ce, retrieval)
+
+    class NoCounts:
+        covisit = None
+
+    with pytest.raises(ConfigError, match="co-visitation"):
+        extra_features(blend, NoCounts(), [np.array([1])], np.array([[2, 3, 4]]))
+
+    class WithCounts:
+        covisit = Covisitation(CovisitConfig(window=1, recent=1)).fit(DATA, ITEMS)
+
+    extra = extra_features(blend, WithCounts(), [np.array([2])], np.array([[4, 3, 1]]))
+    # after item 2: 3 once and 1 once, 4 never -> the head puts 4 last
+    order = blend.rerank(np.array([[4, 3, 1]]), ce, retrieval, extra=extra)
+    assert order[0, -1] == 4
+    assert extra_features(HybridBlend.from_dict({**blend.to_dict(), "use_blend": False}), NoCounts(),
+                          [np.array([1])], np.array([[2, 3, 4]])) is None
+
+
+def test_the_ranker_saves_its_counts_and_serves_a_covisit_head_online_as_in_batch(tmp_path):
+    from pipeline.batch import rerank_lists
+    from pipeline.recommender import Recommender
+    from pipeline.stages import candidate_retriever
+    from ranking.item_ranker import COVISIT_FILE, ItemTokenRanker
+    from tests.test_item_training import colour_split, tiny_ranker
+
+    split, table, items = colour_split()
+    ranker = tiny_ranker(items, table)
+    ranker.covisit = Covisitation().fit(split.history("val"), ranker.items)
+    head = covisit_head(6)
+    ranker.set_hybrid_head(head)
+    folder = ranker.save(tmp_path / "ranker")
+    loaded = ItemTokenRanker.load(folder)
+    history = split.history("val").frame.query("user_id == 0").sort_values("timestamp")["item_id"].to_numpy()
+    candidates = np.setdiff1d(items.ids, history)[:6]
+    np.testing.assert_array_equal(loaded.covisit.score(history, candidates), ranker.covisit.score(history, candidates))
+
+    retriever = candidate_retriever(split, "popularity")
+    rec = Recommender(retriever, loaded)
+    assert rec.blend is not None and rec.blend.extra_names == ("covisit",)
+    out = rec.recommend(history=history, k=6, budget_ms=10_000, explain=False)
+    assert out.path == "reranked"
+    ids, scores = retriever.retrieve_history(history, 6)
+    batch_ids, *_ = rerank_lists(loaded, [history], ids[None], scores[None], 6, blend=rec.blend)
+    assert [i.item_id for i in out.items] == batch_ids[0].tolist()
+    # the served order is the co-visitation order (the head's only weight), ties kept in retrieval order
+    cov = loaded.covisit.score(history, ids)
+    assert batch_ids[0].tolist() == ids[np.argsort(-cov, kind="stable")].tolist() and cov.max() > 0
+
+    # a ranker without its counts cannot serve that head
+    loaded.covisit = None
+    with pytest.raises(ConfigError, match="co-visitation"):
+        Recommender(retriever, loaded)
+    # damaged counts are refused at load
+    (folder / COVISIT_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(ArtifactError):
+        ItemTokenRanker.load(folder)
