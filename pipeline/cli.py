@@ -103,6 +103,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
                      "val NDCG@10 alone": training.get("best_metric"),
                      "val NDCG@10 retrieval": training.get("retrieval_metric"),
                      "hybrid head M": head.get("m"), "hybrid head CV NDCG@10": head.get("cv_ndcg@10_blend"),
+                     "head reads co-visitation": "covisit" in (head.get("weights") or {}),
                      "hybrid head used": head.get("use_blend"), "folder": part["folder"]})
     print("\n## Second stage: item-token reranker (validation; alone: top-50 of the artifact's retriever)\n")
     print(markdown_table(rows, list(rows[0])))
