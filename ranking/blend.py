@@ -55,6 +55,16 @@ def check_extra(blend: Any, ranker: Any) -> None:
                           "(python -m pipeline.second_stage --heads-only) or fit the blend without 'covisit'")
 
 
+def _checked(ce: Any, retrieval: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ce, retrieval, valid)`` as float arrays of one ``(lists, M)`` shape, and where both are finite."""
+    ce = np.asarray(ce, dtype=np.float64)
+    retrieval = np.asarray(retrieval, dtype=np.float64)
+    if ce.shape != retrieval.shape or ce.ndim != 2:
+        raise DataValidationError(f"ce and retrieval scores must be (lists, M) arrays of one shape; got {ce.shape} "
+                                  f"and {retrieval.shape}")
+    return ce, retrieval, np.isfinite(ce) & np.isfinite(retrieval)
+
+
 def _zscore(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Per-row z-score over the valid entries (0 where invalid or where a row is constant)."""
     x = np.where(valid, values, 0.0).astype(np.float64)
@@ -94,14 +104,7 @@ class HybridBlend:
         Columns of ``ce``/``retrieval`` are candidates in retrieval order; ``-inf`` (or NaN) marks padding.
         ``extra`` holds the features of :attr:`extra_names`, each ``(n, M)``.
         """
-        ce = np.asarray(ce, dtype=np.float64)
-        retrieval = np.asarray(retrieval, dtype=np.float64)
-        if ce.shape != retrieval.shape or ce.ndim != 2:
-            raise DataValidationError(
-                f"ce and retrieval scores must be (lists, M) arrays of one shape; got {ce.shape} and "
-                f"{retrieval.shape}"
-            )
-        valid = np.isfinite(ce) & np.isfinite(retrieval)
+        ce, retrieval, valid = _checked(ce, retrieval)
         columns, names = [], []
         for name in self.config.features:
             if name == "ce":
@@ -198,7 +201,7 @@ class HybridBlend:
         if self.weights is None:
             raise NotFittedError("HybridBlend: call fit() or load() before score()")
         if not self.use_blend:
-            valid = np.isfinite(np.asarray(ce, dtype=np.float64)) & np.isfinite(np.asarray(retrieval, dtype=np.float64))
+            _, _, valid = _checked(ce, retrieval)
             order = -np.broadcast_to(np.arange(valid.shape[1], dtype=np.float64), valid.shape)
             return np.where(valid, order, -np.inf)
         X, valid, _ = self.features(ce, retrieval, sources, self.n_sources, extra)

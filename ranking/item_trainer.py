@@ -11,8 +11,9 @@
   the same lists is added to the loss. The student starts from the teacher's weights with a subset of its
   layers (:func:`student_from`).
 * :func:`fit_hybrid_head`: a :class:`~ranking.blend.HybridBlend` over the model's score, the retrieval
-  score and rank and (when validation prefers it) the co-visitation score, fitted on the validation lists (targets the model never trained on) and kept only when
-  it beats the retrieval order in cross-validation; it travels in the ranker's manifest.
+  score and rank and (when validation prefers it) the co-visitation score, fitted on the validation lists
+  (targets the model never trained on) and kept only when it beats the retrieval order in
+  cross-validation; it travels in the ranker's manifest.
 """
 
 from __future__ import annotations
