@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
-from test_recommender import build_tiny_pipeline
+from test_recommender import build_tiny_pipeline, wait_ready
 
 from pipeline.artifacts import LATEST, latest_version, save_artifact
 from pipeline.event_log import EventLogConfig
@@ -41,12 +41,6 @@ def tiny(tmp_path_factory):
     (root / LATEST).write_text("tiny\n")
     return {**built, "root": root}
 
-
-def wait_ready(client, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 def expected_lists(tiny, users, k):

@@ -51,6 +51,14 @@ def tiny_events() -> Interactions:
 TINY_CONFIG = {"retrieve_k": 40, "max_m": 20, "min_m": 3, "calibrate": False, "warm_up_users": 2}
 
 
+def wait_ready(client, timeout: float = 30.0) -> None:
+    """Poll ``/readyz`` (a TestClient or an httpx client) until the service says ready, at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json()
+        time.sleep(0.02)
+
+
 def build_tiny_pipeline(root: Path) -> dict:
     """Build and save a tiny pipeline under ``root``: ``{"artifact", "ranker", "split", "events"}``.
 

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("fastapi")
 import httpx
 from fastapi.testclient import TestClient
-from test_recommender import TINY_CONFIG, BrokenRanker, build_tiny_pipeline
+from test_recommender import TINY_CONFIG, BrokenRanker, build_tiny_pipeline, wait_ready
 
 from pipeline.recommender import Recommender
 from pipeline.recommender_config import RecommenderConfig, ServiceConfig
@@ -40,12 +40,6 @@ def rec(tiny):
     yield recommender
     recommender.close()
 
-
-def wait_ready(client, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 class LiveServer:

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient
-from test_recommender import TINY_CONFIG, BrokenRanker, build_tiny_pipeline
+from test_recommender import TINY_CONFIG, BrokenRanker, build_tiny_pipeline, wait_ready
 
 from data.errors import OverloadedError
 from pipeline.recommender import Recommender
@@ -44,12 +44,6 @@ def rec(tiny):
     yield recommender
     recommender.close()
 
-
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
