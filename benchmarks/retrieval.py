@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import DEFAULT_DATA, latency_ms, round_row, write_results
-from data.metrics import MetricReport, bootstrap_ci
+from data.metrics import MetricReport, bootstrap_ci, paired_bootstrap_ci
 from data.vocab import IdVocab
 from pipeline.batch import generate_candidates
 from pipeline.config import TrainConfig
@@ -50,6 +50,9 @@ SEARCH_COLUMNS = ["trial", "loss", "n_blocks", "dropout", "max_len", "learning_r
                   "Recall@50", "fit_s"]
 ANN_COLUMNS = ["method", "catalogue", "ANN_Recall@100", "p50_ms", "p99_ms", "build_s", "speedup_vs_flat_p50"]
 LRURec = 0.0705  # NDCG@10 of LRURec on this protocol (LlamaRec paper): the issue's bar for the two-tower
+#: paired comparisons (a, b): a's seed-averaged per-user NDCG@10 minus b's, over the same test users
+PAIRS = (("hybrid", "two_tower"), ("hybrid", "covisit"), ("covisit", "two_tower"))
+PAIRED_COLUMNS = ["method", "dNDCG@10"]  # markdown_table shows the _ci beside it
 
 
 def _seed_row(method: str, reports: list[MetricReport], fit_s: list[float], seed: int, **extra: Any) -> dict:
@@ -66,9 +69,24 @@ def _seed_row(method: str, reports: list[MetricReport], fit_s: list[float], seed
     return round_row(row, 5)
 
 
+def paired_rows(reports: dict[str, list[MetricReport]], seed: int) -> list[dict[str, Any]]:
+    """One row per pair of :data:`PAIRS` present: the mean NDCG@10 difference of the seed-averaged per-user
+    values and its paired 95% bootstrap interval (whether ``a`` beats ``b`` beyond user-sampling noise)."""
+    per_user = {name: np.mean([r.per_user["NDCG@10"] for r in got], axis=0) for name, got in reports.items()}
+    rows = []
+    for a, b in PAIRS:
+        if a in per_user and b in per_user:
+            lo, hi = paired_bootstrap_ci(per_user[a], per_user[b], seed=seed)
+            label = "hybrid (served)" if a == "hybrid" else a
+            rows.append(round_row({"method": f"{label} vs {b}", "dNDCG@10": float(np.mean(per_user[a] - per_user[b])),
+                                   "dNDCG@10_ci": [round(lo, 5), round(hi, 5)]}, 5))
+    return rows
+
+
 def quality_rows(split, config: TrainConfig, seeds: int = 3) -> tuple[list[dict], dict, dict[str, Any]]:
     """``(rows, search, models)``: every registered model searched once on validation (seed 0), then its
-    chosen config trained with ``seeds`` seeds; ``search`` holds what each search tried and chose."""
+    chosen config trained with ``seeds`` seeds; ``search`` holds what each search tried and chose, and
+    ``search["paired"]`` the :func:`paired_rows`."""
     configs = config.configs()
     reports: dict[str, list[MetricReport]] = {}
     fit_s: dict[str, list[float]] = {}
@@ -103,8 +121,8 @@ def quality_rows(split, config: TrainConfig, seeds: int = 3) -> tuple[list[dict]
                 later[name] = {s: (m, t["fit_s"]) for s, m, t in zip(range(1, seeds), got.models, got.trials)}
             this_seed[name] = model
             reports.setdefault(name, []).append(evaluate_retriever(model, split, "test", ks=KS))
-        # the hybrid of this seed, as `shortlist train` builds it: the two-tower above, ALS (chosen config)
-        # and popularity fitted on the validation history, both fusions tuned on validation
+        # the hybrid of this seed, as `shortlist train` builds it: the two-tower above, co-visitation, ALS
+        # (chosen configs) and popularity fitted on the validation history, both fusions tuned on validation
         start = time.perf_counter()
         parts = {}
         for name in SPECS["hybrid"].components:
@@ -135,6 +153,7 @@ def quality_rows(split, config: TrainConfig, seeds: int = 3) -> tuple[list[dict]
                                if k in ("loss", "n_blocks", "dropout", "max_len", "learning_rate", "max_epochs")}
         label = {"hybrid": "hybrid (served)", "hybrid candidates": "hybrid candidates (for a reranker)"}.get(name, name)
         rows.append(_seed_row(label, got, fit_s.get(name.split()[0], [0.0]), config.seed, **extra))
+    search["paired"] = paired_rows(reports, config.seed)
     return rows, search, models
 
 
@@ -224,6 +243,9 @@ def run(data_path: str | None = None, ann_items: int = 200_000, seed: int = 0, s
             print(f"not tried: {skipped}")
     served = [h["served_source"] for h in search["hybrid_by_seed"]]
     print(f"\nhybrid: the list served without a reranker came from {served} (per seed)")
+    paired = search["paired"]
+    print("\n## Paired differences (seed-averaged per-user NDCG@10, same test users)\n")
+    print(markdown_table(paired, PAIRED_COLUMNS))
 
     ann: list[dict[str, Any]] = []
     print("\n## FAISS: ANN Recall@100 vs exact and single-query latency\n")
@@ -239,11 +261,11 @@ def run(data_path: str | None = None, ann_items: int = 200_000, seed: int = 0, s
     batch = throughput_rows(als)
     print(markdown_table(batch, ["method", "users", "k", "seconds", "users_per_s"]))
 
-    rows = [{**r, "section": "quality"} for r in quality] + [{**r, "section": "ann"} for r in ann] + [
-        {**r, "section": "batch"} for r in batch]
+    rows = [{**r, "section": "quality"} for r in quality] + [{**r, "section": "paired"} for r in paired] + [
+        {**r, "section": "ann"} for r in ann] + [{**r, "section": "batch"} for r in batch]
     path = write_results("retrieval", rows, {
         "dataset": DEFAULT_DATA, "protocol": "LlamaRec leave-one-out, 5-core", "split": split.stats(),
-        "search": {k: v for k, v in search.items()}, "grids": {n: dict(s.search_space) for n, s in SPECS.items()},
+        "search": {k: v for k, v in search.items() if k != "paired"}, "grids": {n: dict(s.search_space) for n, s in SPECS.items()},
         "seeds": list(range(seeds)), "seed": seed, "ks": KS, "quality_seconds": round(quality_s, 1),
         "lrurec_bar": LRURec,
         "paper_reference": {"SASRec": {"NDCG@10": 0.0522, "Recall@10": 0.0993},

@@ -1,6 +1,6 @@
 """``shortlist`` command line: a thin shell over the job functions.
 
-    shortlist train      [--model hybrid|two_tower|als|bpr|popularity] [--dataset ml-latest-small] [--data-path DIR]
+    shortlist train      [--model hybrid|two_tower|covisit|als|bpr|popularity] [--dataset ml-latest-small] [--data-path DIR]
                          [--interactions FILE [--items FILE] [--user-col C --item-col C --time-col C ...]]
                          [--search-trials 4] [--search-budget 900]
     shortlist train-ranker [--steps 600] [--student-steps 200] [--artifacts artifacts]

@@ -36,8 +36,9 @@ class TrainConfig(JsonConfig):
             read with the ``columns`` below through :func:`data.generic.load_interactions`.
         items: the user's own item table for ``interactions`` (optional).
         columns: how to read those files (:class:`data.datasets.FileColumns`: column names).
-        model: the retriever to train, a registered name (:data:`MODELS`): ``"hybrid"`` (two-tower + ALS
-            + popularity fused, the default), ``"two_tower"``, ``"als"``, ``"bpr"`` or ``"popularity"``.
+        model: the retriever to train, a registered name (:data:`MODELS`): ``"hybrid"`` (two-tower +
+            co-visitation + ALS + popularity fused, the default), ``"two_tower"``, ``"covisit"``, ``"als"``,
+            ``"bpr"`` or ``"popularity"``.
         tune: search each model's settings on validation (the CF grids, the two-tower's seeded search,
             the hybrid's fusions).
         search_trials: most two-tower configs the search tries (the default config, the full softmax

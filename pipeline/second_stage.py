@@ -34,8 +34,8 @@ from data.config import JsonConfig, require
 from data.errors import ArtifactError, ConfigError
 from data.io import atomic_write_json
 from data.protocol import PROTOCOLS
-from ranking.covisit import CovisitConfig
 from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
+from retrieval.covisit import CovisitConfig
 from retrieval.two_tower import TwoTowerConfig
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Per candidate of a top-M list, the features are
 * ``log_rank``: ``log(rank)`` of the 1-based retrieval rank;
 * ``source``: one-hot of the retriever that found the candidate, when the candidates carry it;
 * ``covisit``: the co-visitation score of the candidate after the request's recent items
-  (:class:`~ranking.covisit.Covisitation`, carried by the ranker; :func:`extra_features` computes it);
+  (:class:`~retrieval.covisit.Covisitation`, carried by the ranker; :func:`extra_features` computes it);
 
 and the hybrid score is their weighted sum. The weights are fitted on validation lists by a listwise
 softmax (the held-out item against the rest of its list) with an L2 penalty.

@@ -215,7 +215,7 @@ class BlendConfig(JsonConfig):
             ``"retrieval"`` (retrieval score, z-scored per list), ``"log_rank"`` (log of the 1-based
             retrieval rank), ``"source"`` (one-hot of the retriever that found the candidate, when the
             candidates carry it) and ``"covisit"`` (the ranker's co-visitation score of the candidate after
-            the request's recent items, :mod:`ranking.covisit`).
+            the request's recent items, :mod:`retrieval.covisit`).
         l2: L2 penalty on the weights.
         folds: cross-validation folds over validation users that decide blend vs retrieval order.
         min_gain: the blend must beat retrieval order on cross-validated NDCG@10 by more than this, else

@@ -17,7 +17,7 @@ the recommender then serves that blend. It is fitted on validation lists the mod
 (:func:`ranking.item_trainer.fit_hybrid_head`), because a retrieval score of a training position is
 in-sample (the retriever trained on that event) and would teach the head to trust retrieval too much.
 A head that reads the co-visitation feature needs the ranker's :attr:`ItemTokenRanker.covisit` counts
-(:mod:`ranking.covisit`), saved beside the weights as ``covisit.safetensors`` (checksummed in the manifest,
+(:mod:`retrieval.covisit`), saved beside the weights as ``covisit.safetensors`` (checksummed in the manifest,
 with their own item vocabulary).
 
 Saved form (written atomically): ``model.safetensors`` (every weight and the item feature buffers) and
@@ -62,7 +62,7 @@ from ranking.weights import load_checked, merged_state_dict
 
 RANKER_KIND = "item_token_ranker"
 MODEL_FILE = "model.safetensors"
-#: The co-visitation counts the hybrid head may read (:mod:`ranking.covisit`), when the ranker carries them.
+#: The co-visitation counts the hybrid head may read (:mod:`retrieval.covisit`), when the ranker carries them.
 COVISIT_FILE = "covisit.safetensors"
 #: Backends of the item-token ranker and their tolerance against fp32 (max |score difference| in units of
 #: max(1, std of the fp32 scores)).
@@ -160,7 +160,7 @@ class ItemTokenRanker:
         self.meta = dict(meta or {})
         self.device = torch.device(device)
         self.backend = ItemBackend(model, "torch", config.threads, device)
-        #: co-visitation counts for the hybrid head's ``"covisit"`` feature (:mod:`ranking.covisit`), or None
+        #: co-visitation counts for the hybrid head's ``"covisit"`` feature (:mod:`retrieval.covisit`), or None
         self.covisit: Any = None
         self._histories: dict[int, np.ndarray] = {}
         self._cache: OrderedDict[Any, tuple[bytes, ItemHistoryState]] = OrderedDict()
@@ -491,7 +491,7 @@ class ItemTokenRanker:
         if "covisit" in manifest:
             from safetensors.numpy import load_file
 
-            from ranking.covisit import Covisitation
+            from retrieval.covisit import Covisitation
 
             if COVISIT_FILE not in manifest.get("files", {}):
                 raise ArtifactError(f"{folder}: the manifest does not checksum {COVISIT_FILE}; re-create the artifact")

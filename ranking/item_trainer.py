@@ -331,7 +331,7 @@ def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: i
     :class:`~ranking.blend.HybridBlend`.
 
     For each shortlist size M in ``ms``, and with and without the co-visitation feature (``"covisit"``,
-    :mod:`ranking.covisit`), a head is fitted on the retriever's top M of every validation target (targets
+    :mod:`retrieval.covisit`), a head is fitted on the retriever's top M of every validation target (targets
     inside; the model never trained on them) and cross-validated against the retrieval order. The served
     head is the one with the largest cross-validated gain among those that beat the retrieval order; when
     none does, the ranker carries the M=50 (or first) head without co-visitation and with ``use_blend``
@@ -341,11 +341,11 @@ def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: i
 
     ``covisit``: ``True`` fits the co-visitation counts on ``split.history("val")`` (the events the ranker
     trained on) and sets them on the ranker (``ranker.covisit``); a
-    :class:`~ranking.covisit.CovisitConfig` does so with that config; ``False`` tries heads without it only.
+    :class:`~retrieval.covisit.CovisitConfig` does so with that config; ``False`` tries heads without it only.
     """
     from ranking.blend import HybridBlend
     from ranking.config import BlendConfig
-    from ranking.covisit import Covisitation, CovisitConfig
+    from retrieval.covisit import Covisitation, CovisitConfig
 
     ms = (ms,) if isinstance(ms, int) else tuple(ms)
     if not ms or any(m < 2 for m in ms):

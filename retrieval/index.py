@@ -379,7 +379,7 @@ class ItemIndex:
         """Per query: the sorted unique rows that must not be returned (exclusions plus deny)."""
         deny_rows = np.empty(0, dtype=np.int64)
         if deny is not None:
-            rows = self.items.rows(_as_id_array(deny, "deny"), missing="ignore")  # type: ignore[union-attr]
+            rows = self.items.rows(as_id_array(deny, "deny"), missing="ignore")  # type: ignore[union-attr]
             deny_rows = np.unique(rows[rows >= 0])
         if exclude_rows is None:
             return [deny_rows] * n
@@ -427,7 +427,7 @@ class ItemIndex:
         return np.unique(rows[rows >= 0])
 
     def _allow_rows(self, allow: Any) -> np.ndarray:
-        ids = _as_id_array(allow, "allow")
+        ids = as_id_array(allow, "allow")
         try:
             rows = self.items.rows(ids, missing="raise")  # type: ignore[union-attr]
         except UnknownIdError as exc:
@@ -667,7 +667,9 @@ def _as_float_matrix(values: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _as_id_array(values: Any, name: str) -> np.ndarray:
+def as_id_array(values: Any, name: str) -> np.ndarray:
+    """``values`` (an array, a scalar or an iterable of external item ids) as a 1-D int64 array; anything
+    but integers raises :class:`DataValidationError` naming ``name``."""
     if isinstance(values, np.ndarray):
         array = values
     elif np.isscalar(values):
@@ -678,7 +680,7 @@ def _as_id_array(values: Any, name: str) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise DataValidationError(
-            f"ItemIndex.search: {name} must hold integer external item ids, got dtype {array.dtype}"
+            f"{name} must hold integer external item ids, got dtype {array.dtype}"
         )
     return array.astype(np.int64).ravel()
 
@@ -715,4 +717,4 @@ def _factory_class(dim: int, config: IndexConfig) -> str | None:
         return None
 
 
-__all__ = ["INDEX_FILE", "MANIFEST_KIND", "VECTORS_FILE", "IndexConfig", "ItemIndex"]
+__all__ = ["INDEX_FILE", "MANIFEST_KIND", "VECTORS_FILE", "IndexConfig", "ItemIndex", "as_id_array"]

@@ -33,6 +33,8 @@ from data.errors import ConfigError
 from data.io import read_manifest
 from retrieval.base import RETRIEVER_KIND, Retriever
 from retrieval.cf import ALSConfig, ALSRetriever, BPRConfig, BPRRetriever
+from retrieval.covisit import CovisitConfig
+from retrieval.covisit_retriever import CovisitRetriever
 from retrieval.hybrid import HYBRID_KIND, HybridConfig, HybridRetriever
 from retrieval.popularity import PopularityConfig, PopularityRetriever
 from retrieval.two_tower import TWO_TOWER_SEARCH, TwoTowerConfig, TwoTowerRetriever, search_point_allowed
@@ -126,9 +128,12 @@ register(RetrieverSpec("two_tower", TwoTowerRetriever, TwoTowerConfig, search_sp
                        search="random", first_points=({"loss": "full_softmax"},), test_stage="history",
                        point_filter=search_point_allowed, common=("seed", "index"),
                        description="sequence query tower + content item tower (torch)"))
+register(RetrieverSpec("covisit", CovisitRetriever, CovisitConfig,
+                       search_space={"window": (1, 2, 3, 5, 8), "recent": (1, 2, 3, 5)},
+                       description="what other users took right after this user's recent items (co-visitation)"))
 register(RetrieverSpec("hybrid", HybridRetriever, HybridConfig, test_stage="history",
-                       components=("two_tower", "als", "popularity"),
-                       description="two-tower + ALS + popularity, fused (the default)"))
+                       components=("two_tower", "covisit", "als", "popularity"),
+                       description="two-tower + co-visitation + ALS + popularity, fused (the default)"))
 
 
 def model_names() -> tuple[str, ...]:

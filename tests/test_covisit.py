@@ -1,4 +1,4 @@
-"""Co-visitation counts (ranking/covisit.py): known answers, batch equals single, persistence inside the
+"""Co-visitation counts (retrieval/covisit.py): known answers, batch equals single, persistence inside the
 ranker's folder, and the hybrid head that reads them, online and in batch."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from data.errors import ArtifactError, ConfigError, DataValidationError, NotFitt
 from data.vocab import IdVocab
 from ranking.blend import HybridBlend, extra_features
 from ranking.config import BlendConfig
-from ranking.covisit import Covisitation, CovisitConfig
+from retrieval.covisit import Covisitation, CovisitConfig
 
 
 def events(seqs: dict[int, list[int]]) -> Interactions:
@@ -48,6 +48,10 @@ def test_score_lists_equals_one_history_at_a_time():
         np.testing.assert_array_equal(batch[i], model.score(history, candidates[i]))
     with pytest.raises(DataValidationError, match=r"\(n, M\)"):
         model.score_lists(histories, candidates[:2])
+    # the whole catalogue at once (the retriever's path) gives the same scores, in catalogue row order
+    catalogue = model.score_catalogue([ITEMS.rows(h) for h in histories])
+    for i, history in enumerate(histories):
+        np.testing.assert_allclose(catalogue[i], model.score(history, ITEMS.ids), rtol=1e-12)
 
 
 def test_bad_config_and_unfitted_use_are_refused_with_the_field_named():

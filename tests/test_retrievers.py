@@ -10,6 +10,8 @@ import pytest
 
 from data.errors import ArtifactError, DataValidationError, NotFittedError
 from retrieval.cf import ALSConfig, ALSRetriever, BPRConfig, BPRRetriever
+from retrieval.covisit import CovisitConfig
+from retrieval.covisit_retriever import CovisitRetriever
 from retrieval.hybrid import HybridConfig, HybridRetriever
 from retrieval.index import IndexConfig
 from retrieval.popularity import PopularityRetriever
@@ -27,6 +29,8 @@ class RetrieverContract:
     #: the query of a stored history is the user's own query (popularity ignores the user; the two-tower
     #: reads the history with the same tower), so ``retrieve_history`` must equal ``retrieve`` exactly
     exact_history_query = False
+    #: served from a FAISS index (``reindex`` swaps it); ``False``: exact scoring with no index to swap
+    vector_index = True
 
     def make(self):
         raise NotImplementedError
@@ -138,6 +142,8 @@ class RetrieverContract:
         assert 109 not in ids_after
 
     def test_hnsw_index_gives_the_same_contract(self, fitted):
+        if not self.vector_index:
+            pytest.skip("no vector index: scoring is exact")
         _, exact_scores = fitted.retrieve([1, 30], 5)
         fitted.reindex(IndexConfig(factory="HNSW32", search_params="efSearch=64"))
         ann_ids, ann_scores = fitted.retrieve([1, 30], 5)
@@ -250,6 +256,25 @@ class TestALS(RetrieverContract):
 class TestBPR(RetrieverContract):
     def make(self):
         return BPRRetriever(BPRConfig(factors=2, iterations=300, learning_rate=0.05, regularization=0.01))
+
+
+class TestCovisit(RetrieverContract):
+    """Co-visitation reads sequences: a window of 5 events and the 6 most recent items cover a block user's
+    whole history (6 events), so every unseen block-mate is pointed at by some recent item."""
+
+    exact_history_query = True
+    vector_index = False
+
+    def make(self):
+        return CovisitRetriever(CovisitConfig(window=5, recent=6))
+
+    def test_known_counts_give_known_scores(self, fitted):
+        c = fitted.covisit.counts
+        rows = fitted.items.rows([100, 101, 102])
+        expected = np.log1p(c[rows[2]].toarray()[0] + c[rows[1]].toarray()[0] / 2 + c[rows[0]].toarray()[0] / 3)
+        ids, scores = fitted.retrieve_history([100, 101, 102], 20, exclude_seen=False)
+        np.testing.assert_allclose(scores, expected[fitted.items.rows(ids)], rtol=1e-6)
+        assert (np.diff(scores) <= 0).all() and scores[0] > 0
 
 
 class TestTwoTower(RetrieverContract):

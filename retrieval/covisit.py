@@ -1,6 +1,8 @@
 """Co-visitation: how often other users took a candidate within a few events after what this user just took.
 
-A feature of the hybrid head (:mod:`ranking.blend`, feature ``"covisit"``), not a model of its own. Fitted
+The counts behind two things: a retriever of its own (:mod:`retrieval.covisit_retriever`, scoring the whole
+catalogue; a component of the default hybrid) and a feature of the reranker's hybrid head
+(:mod:`ranking.blend`, feature ``"covisit"``, scoring a shortlist). Fitted
 on the training events' per-user sequences (time order, then item id, as the protocols sort them): for
 every pair of events ``(a, b)`` of one user with ``b`` at most ``window`` events after ``a``, the count
 ``C[a, b]`` grows by one. A request's score for candidate ``b`` is
@@ -14,9 +16,9 @@ Why it is there: the item-token cross-encoder and the two-tower both read the hi
 on ml-latest-small this one count, added to the head, raised its cross-validated validation NDCG@10 from
 0.084 to 0.097 (leave-one-out); see the README's reranker section for the measured test effect.
 
-Saved inside the ranker's folder (:meth:`to_tensors` / :meth:`from_tensors`: three CSR arrays in
-safetensors, the id vocabulary and config in the ranker's manifest), so it travels with the head that
-reads it.
+Saved inside the folder of what reads it (:meth:`to_tensors` / :meth:`from_tensors`: three CSR arrays in
+safetensors, the id vocabulary and config in that folder's manifest): the ranker's, so the counts travel
+with the head, or the retriever's.
 """
 
 from __future__ import annotations
@@ -116,6 +118,21 @@ class Covisitation:
         out[known] = np.log1p(weights @ block)
         return out
 
+    def score_catalogue(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """``(n, n_items)`` float64: :meth:`score` of every catalogue item, for histories given as catalogue
+        ROWS (oldest first, no unknown ids): one sparse product for the whole batch."""
+        self._check()
+        indptr, cols, weights = [0], [], []
+        for rows in histories:
+            recent = np.asarray(rows, dtype=np.int64)[::-1][: self.config.recent]
+            cols.append(recent)
+            weights.append(1.0 / np.arange(1, recent.size + 1))
+            indptr.append(indptr[-1] + recent.size)
+        empty = [np.empty(0)]
+        query = sp.csr_matrix((np.concatenate(weights + empty), np.concatenate(cols + empty).astype(np.int64), indptr),
+                              shape=(len(histories), len(self.items)))
+        return np.log1p((query @ self.counts).toarray().astype(np.float64))
+
     def score_lists(self, histories: Sequence[Any], candidates: np.ndarray) -> np.ndarray:
         """``(n, M)`` scores: row ``i`` is :meth:`score` of ``histories[i]`` and ``candidates[i]``."""
         candidates = np.asarray(candidates, dtype=np.int64)
@@ -148,12 +165,12 @@ class Covisitation:
             items = IdVocab.from_json_dict(manifest["items"])
             indptr, indices, data = (np.asarray(tensors[k]) for k in TENSOR_NAMES)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{where}: the co-visitation counts are incomplete ({exc}); re-fit the hybrid head")
+            raise ArtifactError(f"{where}: the co-visitation counts are incomplete ({exc}); re-fit them")
         n = len(items)
         if indptr.shape != (n + 1,) or indices.size != data.size or data.size != int(manifest.get("nnz", -1)) \
                 or (indices.size and (indices.min() < 0 or indices.max() >= n)):
             raise ArtifactError(f"{where}: the co-visitation counts do not match their vocabulary of {n} items; "
-                                "re-fit the hybrid head")
+                                "re-fit them")
         model.items = items
         model.counts = sp.csr_matrix((data, indices, indptr), shape=(n, n))
         model.fingerprint = str(manifest.get("fingerprint", ""))
