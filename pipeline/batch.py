@@ -3,6 +3,7 @@ reranked by the cross-encoder (the offline twin of :class:`pipeline.recommender.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from tqdm.auto import tqdm
 from data.errors import DataValidationError
 from data.io import atomic_path
 from retrieval.base import Retriever, check_k
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -218,14 +221,19 @@ def export_embeddings(retriever: Retriever, out: str | Path) -> list[Path]:
 
     The user vectors are the query vectors the retriever searches with (stored factors for ALS/BPR, the
     query tower over the current history for the two-tower). A hybrid writes one sub-folder per
-    component. Files are written atomically.
+    component that has embeddings (co-visitation has none and is skipped, with a log line). Files are
+    written atomically.
     """
     from retrieval.base import EmbeddingRetriever
 
     out = Path(out)
     components = getattr(retriever, "components", None)
     if components is not None:
-        return [p for name, comp in components.items() for p in export_embeddings(comp, out / name)]
+        skipped = [name for name, comp in components.items() if not isinstance(comp, EmbeddingRetriever)]
+        if skipped:
+            log.info("export_embeddings: %s have no embeddings; skipped", skipped)
+        return [p for name, comp in components.items() if name not in skipped
+                for p in export_embeddings(comp, out / name)]
     if not isinstance(retriever, EmbeddingRetriever):
         raise TypeError(f"export_embeddings: {type(retriever).__name__} has no embeddings to export")
     users = np.arange(len(retriever.users))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from data.config import JsonConfig, require
-from data.errors import ArtifactError, ConfigError
+from data.errors import ArtifactError, ConfigError, DataValidationError
 from data.protocol import Split
 from retrieval.base import Retriever
 from retrieval.index import IndexConfig
@@ -103,15 +103,21 @@ def model_config(name: str, configs: Mapping[str, Any] | None, options: FitOptio
 
 
 def fit_retriever(name: str, split: Split, stage: str = "val", *, configs: Mapping[str, Any] | None = None,
-                  options: FitOptions | None = None, cache: str | Path | None = None) -> Fitted:
+                  options: FitOptions | None = None, cache: str | Path | None = None,
+                  fitted: Mapping[str, Retriever] | None = None) -> Fitted:
     """Fit the registered model ``name`` on ``split`` (tuned on validation) for ``stage``; see the module
-    docstring. ``configs`` maps model names to their configs (objects or dicts); others use defaults."""
+    docstring. ``configs`` maps model names to their configs (objects or dicts); others use defaults.
+
+    ``fitted`` (composites only) maps component names to retrievers already fitted on
+    ``split.history("val")``, used as they are instead of fitting them again (a saved two-tower, say)."""
     options = options or FitOptions()
     if stage not in _STAGES:
         raise ConfigError(f"stage must be one of {_STAGES}, got {stage!r}")
     s = spec(name)
+    if fitted and not s.components:
+        raise ConfigError(f"fit_retriever({name!r}): fitted= gives components, and {name!r} has none")
     if s.components:
-        return _fit_composite(s, split, stage, configs, options)
+        return _fit_composite(s, split, stage, configs, options, dict(fitted or {}))
     config = model_config(name, configs, options)
     if cache is not None and options.tune and s.search_space:
         raise ConfigError(f"fit_retriever({name!r}): cache= holds one config, but a search would choose "
@@ -156,10 +162,22 @@ def _fit_on_validation(s: RetrieverSpec, config: Any, split: Split, options: Fit
 
 
 def _fit_composite(s: RetrieverSpec, split: Split, stage: str, configs: Mapping[str, Any] | None,
-                   options: FitOptions) -> Fitted:
+                   options: FitOptions, fitted: dict[str, Retriever]) -> Fitted:
+    unknown = sorted(set(fitted) - set(s.components))
+    if unknown:
+        raise ConfigError(f"fit_retriever({s.name!r}): fitted= names {unknown}, not among its components "
+                          f"{list(s.components)}")
+    expected = split.history("val").fingerprint()
+    stale = sorted(name for name, model in fitted.items() if model.history_fingerprint != expected)
+    if stale:
+        raise DataValidationError(f"fit_retriever({s.name!r}): fitted components {stale} do not hold "
+                                  "split.history('val'); fit them on it (or set_history) first")
     components: dict[str, Retriever] = {}
     tuning: dict[str, Any] = {}
     for name in s.components:
+        if name in fitted:
+            components[name] = fitted[name]
+            continue
         part = fit_retriever(name, split, "val", configs=configs, options=options)
         components[name] = part.model
         tuning.update(part.tuning)

@@ -246,3 +246,23 @@ def test_save_and_load_keeps_component_order_and_weights(components, split, tmp_
     assert loaded.sources == ("popularity", "als") and loaded.weights == (0.1, 1.0)
     users = split.users.ids[:50]
     np.testing.assert_array_equal(loaded.retrieve(users, 20)[0], hybrid.retrieve(users, 20)[0])
+
+
+def test_a_covisit_component_fuses_saves_and_is_skipped_by_the_embedding_export(components, split, tmp_path):
+    """Co-visitation (no vectors, no index) as a component: tuned with the others, never below any single
+    component on validation, identical after save/load, and left out of ``export_embeddings``."""
+    from pipeline.batch import export_embeddings
+    from retrieval.covisit_retriever import CovisitRetriever
+
+    parts = {**components, "covisit": CovisitRetriever().fit(split.history("val"), items=split.items)}
+    hybrid = HybridRetriever(parts, QUICK).tune(split)
+    singles = [t for t in hybrid.tuning["trials"] if sorted(t["weights"]) == [0.0, 0.0, 1.0]]
+    assert len(singles) == 3 and hybrid.tuning["served_best"] >= max(t["NDCG@10"] for t in singles)
+    loaded = HybridRetriever.load(hybrid.save(tmp_path / "with-covisit"))
+    users = split.users.ids[:60]
+    for a, b in zip(loaded.retrieve(users, 20), hybrid.retrieve(users, 20)):
+        np.testing.assert_array_equal(a, b)
+    history = hybrid.stored_history(int(users[0]))
+    np.testing.assert_array_equal(loaded.retrieve_history(history, 20)[0], hybrid.retrieve_history(history, 20)[0])
+    written = export_embeddings(hybrid, tmp_path / "emb")
+    assert {p.parent.name for p in written} == {"als", "popularity"}

@@ -181,6 +181,24 @@ def test_the_time_budget_stops_the_search_after_the_default(split):
     assert all("time budget" in s["why"] for s in search["skipped"])
 
 
+def test_a_composite_reuses_components_fitted_elsewhere(split):
+    """``fitted=``: a two-tower trained once (a saved one, say) joins the hybrid as it is; the other
+    components are searched and fitted, both fusions tuned, and everything moves to the test stage."""
+    from retrieval.two_tower import TwoTowerRetriever
+
+    two_tower = TwoTowerRetriever(FAST).fit(split.history("val"), items=split.items, validation=split)
+    got = fit_retriever("hybrid", split, "test", options=FitOptions(progress=False), fitted={"two_tower": two_tower})
+    assert got.model.components["two_tower"] is two_tower and "two_tower" not in got.tuning
+    assert {"covisit", "als", "hybrid"} <= set(got.tuning) and got.model.sources[:2] == ("two_tower", "covisit")
+    assert got.model.history_fingerprint == split.history("test").fingerprint()
+    with pytest.raises(ConfigError, match="not among its components"):
+        fit_retriever("hybrid", split, "val", fitted={"bpr": two_tower})
+    with pytest.raises(DataValidationError, match="do not hold"):  # two_tower now holds the test history
+        fit_retriever("hybrid", split, "val", options=FitOptions(progress=False), fitted={"two_tower": two_tower})
+    with pytest.raises(ConfigError, match="has none"):
+        fit_retriever("als", split, "val", fitted={"two_tower": two_tower})
+
+
 def test_a_cache_with_a_search_is_refused(split, tmp_path):
     with pytest.raises(ConfigError, match="cache"):
         fit_retriever("two_tower", split, "val", configs={"two_tower": FAST}, cache=tmp_path / "tt")
