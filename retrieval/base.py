@@ -113,6 +113,16 @@ def seen_matrix(frame: Any, users: IdVocab, items: IdVocab) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(cols.size, dtype=np.float32), cols, indptr), shape=(len(users), len(items)))
 
 
+def read_retriever_manifest(folder: Path, name: str) -> dict[str, Any]:
+    """The checked manifest of a saved retriever (:func:`~data.io.read_manifest`: kind and checksums),
+    refused unless it holds the model ``name``."""
+    manifest = read_manifest(folder, kind=RETRIEVER_KIND)
+    if manifest.get("model") != name:
+        raise ArtifactError(f"{folder}: holds a {manifest.get('model')!r} retriever, not {name!r}; use "
+                            "retrieval.load_retriever(folder) to load any kind")
+    return manifest
+
+
 class Retriever(ABC):
     """Abstract retrieval stage. See the module docstring for the contract."""
 
@@ -438,12 +448,7 @@ class EmbeddingRetriever(Retriever):
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        manifest = read_manifest(folder, kind=RETRIEVER_KIND)
-        if manifest.get("model") != cls.name:
-            raise ArtifactError(
-                f"{folder}: holds a {manifest.get('model')!r} retriever, not {cls.name!r}; "
-                "use retrieval.load_retriever(folder) to load any kind"
-            )
+        manifest = read_retriever_manifest(folder, cls.name)
         config = cls.config_class().from_dict(manifest["config"])
         model = cls(config)
         model.users = IdVocab.from_json_dict(manifest["users"])

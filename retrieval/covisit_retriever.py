@@ -24,7 +24,7 @@ import numpy as np
 
 from data.dataset import ITEM, USER, Interactions, sequences, to_csr
 from data.errors import ArtifactError, DataValidationError, NotFittedError, UnknownIdError
-from data.io import atomic_path, file_checksums, library_versions, read_manifest, write_manifest
+from data.io import atomic_path, file_checksums, library_versions, write_manifest
 from data.protocol import Split
 from data.vocab import IdVocab
 from retrieval.base import (
@@ -35,6 +35,7 @@ from retrieval.base import (
     as_user_array,
     check_k,
     known_rows,
+    read_retriever_manifest,
 )
 from retrieval.covisit import Covisitation, CovisitConfig
 from retrieval.index import as_id_array
@@ -225,10 +226,7 @@ class CovisitRetriever(Retriever):
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        manifest = read_manifest(folder, kind=RETRIEVER_KIND)
-        if manifest.get("model") != cls.name:
-            raise ArtifactError(f"{folder}: holds a {manifest.get('model')!r} retriever, not {cls.name!r}; use "
-                                "retrieval.load_retriever(folder) to load any kind")
+        manifest = read_retriever_manifest(folder, cls.name)
         try:
             model = cls(CovisitConfig.from_dict(manifest["config"]))
             model.users = IdVocab.from_json_dict(manifest["users"])
