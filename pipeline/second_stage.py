@@ -139,13 +139,15 @@ def _matches(folder: Path, split: Any, config: SecondStageConfig) -> Any:
 
 
 def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config: SecondStageConfig, *,
-              serving: Any = None, progress: bool = True) -> SecondStageResult:
+              serving: Any = None, served: Any = None, progress: bool = True) -> SecondStageResult:
     """The core: train (or load, when a matching one is saved) the teacher on ``candidates``' lists, distil
     the student, fit both hybrid heads and save both under ``folder``.
 
     ``candidates`` (holding ``split.history("val")``) gives the hard negatives and the validation lists;
     ``serving`` (default: the same) is the retriever whose lists the hybrid heads are fitted on: the one
-    that will serve the candidates (e.g. a hybrid of which ``candidates`` is the two-tower component)."""
+    that will serve the candidates (e.g. a hybrid of which ``candidates`` is the two-tower component);
+    ``served`` (default: ``serving``) is the retriever whose own list users get without a reranker, which a
+    head must also beat on validation (``fit_hybrid_head``)."""
     from ranking.item_ranker import ItemTokenRanker
     from ranking.item_trainer import distill_item_ranker, fit_hybrid_head, train_item_ranker
 
@@ -161,7 +163,7 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
         teacher.meta["retriever"] = getattr(candidates, "name", config.retriever)
     else:
         log.info("teacher loaded from %s", folder / TEACHER_DIR)
-    fit_hybrid_head(teacher, serving, split, config.hybrid_ms, covisit=config.covisit or False)
+    fit_hybrid_head(teacher, serving, split, config.hybrid_ms, covisit=config.covisit or False, served=served)
     teacher.meta["serving_retriever"] = getattr(serving, "name", type(serving).__name__)
     teacher.save(folder / TEACHER_DIR)
     out = {"folder": str(folder / TEACHER_DIR), "training": teacher.meta.get("training"),
@@ -173,7 +175,7 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
         student, record = distill_item_ranker(teacher, split, candidates, tuple(config.student_layers),
                                               student_trainer, teacher_name=str(folder / TEACHER_DIR),
                                               ffn_width=student_width(teacher, config.student_ffn))
-        fit_hybrid_head(student, serving, split, config.hybrid_ms, covisit=config.covisit or False)
+        fit_hybrid_head(student, serving, split, config.hybrid_ms, covisit=config.covisit or False, served=served)
         student.meta["retriever"] = teacher.meta.get("retriever")
         student.meta["serving_retriever"] = teacher.meta["serving_retriever"]
         student.save(folder / STUDENT_DIR)
@@ -209,13 +211,16 @@ def _protocol_stage(config: SecondStageConfig, raw: Any = None) -> tuple[Any, An
 
 
 def head_gain(ranker: Any) -> float:
-    """The cross-validated NDCG@10 gain of ``ranker``'s hybrid head over the retrieval order on validation
-    (0 when it has no head or its head lost there: the retrieval order is then served)."""
+    """The cross-validated NDCG@10 gain of ``ranker``'s hybrid head over what would be served without it on
+    validation: the retrieval order it reranks, or the retriever's served list when that is better
+    (``served_ndcg@10``, a hybrid's); 0 when it has no head or its head lost there (the retrieval order is
+    then served)."""
     head = getattr(ranker, "hybrid_head", None) or {}
     report = head.get("report") or {}
     if not head.get("use_blend") or "cv_ndcg@10_blend" not in report:
         return 0.0
-    return float(report["cv_ndcg@10_blend"] - report["cv_ndcg@10_retrieval"])
+    bar = max(report["cv_ndcg@10_retrieval"], report.get("served_ndcg@10", float("-inf")))
+    return float(report["cv_ndcg@10_blend"] - bar)
 
 
 def choose_served(teacher: Any, student: Any | None, keep: float = 0.8) -> dict[str, Any]:
@@ -325,7 +330,7 @@ def train_artifact_ranker(artifacts: str | Path = "artifacts", config: SecondSta
         candidates.set_history(split.history("val"))
     try:
         return fit_stage(split, raw.items, candidates, ranker_folder(artifacts), config,
-                         serving=served.for_candidates(), progress=progress)
+                         serving=served.for_candidates(), served=served, progress=progress)
     finally:
         served.set_history(split.history("test"))
 

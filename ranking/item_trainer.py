@@ -326,7 +326,7 @@ HEAD_MS = (20, 50, 100)
 
 
 def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: int | tuple[int, ...] = HEAD_MS,
-                    blend_config: Any = None, covisit: Any = True) -> Any:
+                    blend_config: Any = None, covisit: Any = True, served: Any = None) -> Any:
     """Fit the hybrid head on validation lists and set it on ``ranker``; returns the chosen
     :class:`~ranking.blend.HybridBlend`.
 
@@ -342,6 +342,12 @@ def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: i
     ``covisit``: ``True`` fits the co-visitation counts on ``split.history("val")`` (the events the ranker
     trained on) and sets them on the ranker (``ranker.covisit``); a
     :class:`~retrieval.covisit.CovisitConfig` does so with that config; ``False`` tries heads without it only.
+
+    ``served``: the retriever whose own list a user gets when the reranker does not run, when that is not
+    ``retriever``'s order (the hybrid, whose candidate view ``retriever`` is: its served fusion is tuned for
+    NDCG@10, its candidates for recall). A head must then also beat that list's validation NDCG@10
+    (``report["served_ndcg@10"]``), or the recommender keeps the served list: a reranker that makes the list
+    worse than retrieval alone is not served. It must hold ``split.history("val")``.
     """
     from ranking.blend import HybridBlend
     from ranking.config import BlendConfig
@@ -376,7 +382,13 @@ def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: i
             heads[f"{m}{suffix}"] = blend
             by_m[f"{m}{suffix}"] = {k: blend.report[k] for k in ("cv_ndcg@10_blend", "cv_ndcg@10_retrieval", "lists",
                                                                  "use_blend")}
-    winners = [key for key, head in heads.items() if head.use_blend]
+    served_ndcg = None
+    if served is not None and served is not retriever:
+        served_ndcg = float(validation_set(served, split, ranker.items, 10)[0].retrieval_ndcg)
+        for key, head in heads.items():
+            by_m[key]["beats_served"] = bool(head.report["cv_ndcg@10_blend"] > served_ndcg)
+    winners = [key for key, head in heads.items()
+               if head.use_blend and (served_ndcg is None or head.report["cv_ndcg@10_blend"] > served_ndcg)]
     if winners:
         chosen = max(winners, key=lambda key: heads[key].report["cv_ndcg@10_blend"] - heads[key].report[
             "cv_ndcg@10_retrieval"])
@@ -384,6 +396,11 @@ def fit_hybrid_head(ranker: ItemTokenRanker, retriever: Any, split: Split, ms: i
         chosen = "50" if 50 in ms else str(ms[0])
     blend = heads[chosen]
     blend.report["by_m"] = by_m
+    if served_ndcg is not None:
+        blend.report["served_ndcg@10"] = served_ndcg
+        if not winners and blend.use_blend:  # beat the candidate order, not the served list
+            blend.use_blend = False
+            blend.report["use_blend"] = False
     ranker.set_hybrid_head(blend)
     return blend
 

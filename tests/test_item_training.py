@@ -213,6 +213,39 @@ def test_hybrid_head_travels_in_the_manifest_and_the_recommender_serves_it(train
     assert fit_hybrid_head(ranker, retriever, split, (6,), covisit=False).report["by_m"].keys() == {"6"}
 
 
+class _OracleServedList:
+    """A served list that puts every validation target first (NDCG@10 = 1): no head can beat it."""
+
+    def __init__(self, split):
+        cases = split.cases("val")
+        self.history = {int(u): h for u, h in zip(cases.users, cases.histories)}
+        self.target = {int(u): int(t) for u, t in zip(cases.users, cases.targets)}
+
+    def stored_history(self, user):
+        return self.history[int(user)]
+
+    def retrieve(self, users, k, *, exclude_seen=True, allow=None, deny=None):
+        ids = np.full((len(users), k), -1, dtype=np.int64)
+        ids[:, 0] = [self.target[int(u)] for u in users]
+        return ids, np.where(ids >= 0, 1.0, -np.inf).astype(np.float32)
+
+
+def test_a_head_must_also_beat_the_served_list(trained):
+    """With a served list other than the candidate order (a hybrid's), the head is served only when its
+    cross-validated NDCG@10 also beats that list on validation; else the recommender keeps the served list."""
+    from pipeline.second_stage import head_gain
+    from ranking.item_trainer import fit_hybrid_head
+
+    split, retriever, ranker, _ = trained
+    same = fit_hybrid_head(ranker, retriever, split, (6, 12), served=retriever)
+    assert "served_ndcg@10" not in same.report  # the candidate order is the served list: one bar
+    blend = fit_hybrid_head(ranker, retriever, split, (6, 12), served=_OracleServedList(split))
+    assert blend.report["served_ndcg@10"] == pytest.approx(1.0)
+    assert not blend.use_blend and not blend.report["use_blend"] and head_gain(ranker) == 0.0
+    assert not any(r["beats_served"] for r in blend.report["by_m"].values())
+    assert ranker.hybrid_head["use_blend"] is False  # what the recommender reads
+
+
 def test_recommender_plans_item_tokens_with_one_token_per_candidate(trained):
     from pipeline.budget import LinearLatency, plan_shortlist
     from pipeline.recommender import Recommender
