@@ -234,7 +234,8 @@ def choose_served(teacher: Any, student: Any | None, keep: float = 0.8) -> dict[
     s_gain = head_gain(student)
     if t_gain <= 0 or s_gain >= keep * t_gain:
         reason = (f"the student keeps {s_gain / t_gain:.0%} of the teacher's validation gain (>= {keep:.0%})"
-                  if t_gain > 0 else "the teacher's head does not beat the retrieval order on validation")
+                  if t_gain > 0 else "the teacher's head does not beat the retrieval order (and the retriever's served "
+                                    "list) on validation")
         return {"served": STUDENT_DIR, "reason": reason, "teacher_gain": t_gain, "student_gain": s_gain,
                 "keep": keep}
     return {"served": TEACHER_DIR, "teacher_gain": t_gain, "student_gain": s_gain, "keep": keep,
