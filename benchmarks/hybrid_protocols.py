@@ -8,7 +8,9 @@ on validation), ALS (its grid) and popularity, all fitted on the validation hist
 fusions tuned on validation. Every test case is scored from its own history (``retrieve_history``), so a
 ``last-n`` user with five cases gets five lists. Rows: NDCG@10 and Recall@10 of the two-tower, of
 co-visitation and of the hybrid's served list, and the paired differences with 95% bootstrap intervals
-clustered by user. Two minutes with saved two-towers.
+clustered by user; ``p50_ms``/``p99_ms``: one ``retrieve_history`` call for the top 200 of a test case's
+history (300 cases, the retrievers' own threads), and ``p50_vs_two_tower`` the ratio in the same run.
+Two minutes with saved two-towers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import DEFAULT_DATA, ml_benchmark_parser, round_row, write_results
+from benchmarks.common import DEFAULT_DATA, latency_ms, ml_benchmark_parser, round_row, write_results
 from data.metrics import paired_bootstrap_ci
 from pipeline.report import markdown_table
 from pipeline.train import load_dataset
@@ -30,7 +32,9 @@ from retrieval.fitting import FitOptions, fit_retriever
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("leave_one_out", "last_n")
-COLUMNS = ["protocol", "method", "NDCG@10", "Recall@10", "dNDCG@10_vs_two_tower", "dNDCG@10_vs_covisit"]
+COLUMNS = ["protocol", "method", "NDCG@10", "Recall@10", "dNDCG@10_vs_two_tower", "dNDCG@10_vs_covisit", "p50_ms",
+           "p99_ms", "p50_vs_two_tower"]
+LATENCY_CASES, LATENCY_K = 300, 200
 
 
 def default_hybrid(split: Any, two_tower: Any, *, seed: int = 0, progress: bool = True) -> Any:
@@ -54,6 +58,7 @@ def protocol_rows(raw: Any, protocol: str, artifacts: Path, *, threads: int = 2,
     hybrid, covisit = fitted.model, fitted.components["covisit"]
     cases = split.cases("test")
     clusters = None if cases.one_per_user else cases.users
+    sample = cases.histories[:LATENCY_CASES]
     per_case, rows = {}, []
     for name, model in (("two_tower", two_tower), ("covisit", covisit), ("hybrid (served)", hybrid)):
         ids, _ = retrieve_cases(model, cases, 10, batch=False)
@@ -69,6 +74,9 @@ def protocol_rows(raw: Any, protocol: str, artifacts: Path, *, threads: int = 2,
                 row[f"dNDCG@10_vs_{base}"] = float(np.mean(diff))
                 row[f"dNDCG@10_vs_{base}_ci"] = [round(lo, 5), round(hi, 5)]
         row["NDCG@10_ci"] = [round(v, 5) for v in row["NDCG@10_ci"]]
+        timing = latency_ms(lambda i, m=model: m.retrieve_history(sample[i % len(sample)], LATENCY_K), len(sample))
+        row["p50_ms"], row["p99_ms"] = timing["p50_ms"], timing["p99_ms"]
+        row["p50_vs_two_tower"] = timing["p50_ms"] / rows[0]["p50_ms"] if rows else 1.0
         rows.append(round_row(row, 5))
     meta = {"cases": len(cases), "users": int(np.unique(cases.users).size),
             "covisit_config": covisit.config.to_dict(), "served_source": hybrid.served_source,
