@@ -107,8 +107,9 @@ def _train_ranker(args: argparse.Namespace) -> int:
                      "hybrid head used": head.get("use_blend"), "folder": part["folder"]})
     print("\n## Second stage: item-token reranker (validation; alone: top-50 of the artifact's retriever)\n")
     print(markdown_table(rows, list(rows[0])))
-    print("\nThe hybrid head is served only where it beat the retrieval order in cross-validation on the "
-          "validation users;\nelse the recommender keeps the retrieval order and skips the reranker.")
+    print("\nThe hybrid head is served only where it beat, in cross-validation on the validation users, the "
+          "retrieval order it reranks\nand the retriever's own served list; else the recommender serves that list "
+          "and skips the reranker.")
     if result.served:
         print(f"Served ranker (chosen on validation): {result.served['served']}: {result.served['reason']}")
     print(f"\nTrained in {result.seconds:.0f} s (a short demo budget; the benchmark's models train for an hour: "
