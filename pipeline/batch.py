@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from data.errors import DataValidationError
+from data.errors import ConfigError, DataValidationError
 from data.io import atomic_path
 from retrieval.base import Retriever, check_k
 
@@ -235,7 +235,9 @@ def export_embeddings(retriever: Retriever, out: str | Path) -> list[Path]:
         return [p for name, comp in components.items() if name not in skipped
                 for p in export_embeddings(comp, out / name)]
     if not isinstance(retriever, EmbeddingRetriever):
-        raise TypeError(f"export_embeddings: {type(retriever).__name__} has no embeddings to export")
+        raise ConfigError(f"export_embeddings: the {getattr(retriever, 'name', type(retriever).__name__)!r} "
+                          "retriever learns no embeddings to export; export a model that has them (two_tower, "
+                          "als, bpr, or a hybrid, which writes its components that have them)")
     users = np.arange(len(retriever.users))
     tables = {
         "items.parquet": pd.DataFrame({"item_id": retriever.items.ids,

@@ -266,3 +266,5 @@ def test_a_covisit_component_fuses_saves_and_is_skipped_by_the_embedding_export(
     np.testing.assert_array_equal(loaded.retrieve_history(history, 20)[0], hybrid.retrieve_history(history, 20)[0])
     written = export_embeddings(hybrid, tmp_path / "emb")
     assert {p.parent.name for p in written} == {"als", "popularity"}
+    with pytest.raises(ConfigError, match="'covisit' retriever learns no embeddings"):
+        export_embeddings(parts["covisit"], tmp_path / "alone")
