@@ -148,3 +148,21 @@ def test_the_ranker_saves_its_counts_and_serves_a_covisit_head_online_as_in_batc
     (folder / COVISIT_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ArtifactError):
         ItemTokenRanker.load(folder)
+
+
+def test_the_covisit_retriever_explains_by_what_came_before():
+    """No embedding: an item is explained by the recent history items others took it right after, most
+    often first; an item nothing points at gets no reason."""
+    from pipeline.explain import Explainer
+    from retrieval.covisit_retriever import CovisitRetriever
+
+    retriever = CovisitRetriever(CovisitConfig(window=1, recent=2)).fit(DATA, items=ITEMS)
+    assert retriever.item_embeddings() is None
+    # window 1: C[1,2] = 2, C[4,3] = 1, nothing else starts at 4 or 1 towards 2, 3 or 4
+    because = Explainer.from_retriever(retriever).because(np.array([2, 3, 4, 99]), np.array([4, 1]), top_n=2,
+                                                          recent=2)
+    assert because == [[1], [4], [], []]
+    # only the retriever's 2 most recent items (2, 1) voted: 2 explains 3 (C[2,3] = 1); the older 4 does not,
+    # though others also took 3 right after 4
+    assert Explainer.from_retriever(retriever).because(np.array([3]), np.array([4, 2, 1]), top_n=2,
+                                                       recent=50) == [[2]]
