@@ -97,6 +97,12 @@ class Covisitation:
         if self.counts is None or self.items is None:
             raise NotFittedError("Covisitation: call fit() or from_tensors() before scoring")
 
+    def _voters(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, weights)``: the ``recent`` latest of a history's catalogue rows (oldest first, unknown
+        rows already dropped), latest first, with weights ``1/j``."""
+        recent = np.asarray(rows, dtype=np.int64)[::-1][: self.config.recent]
+        return recent, 1.0 / np.arange(1, recent.size + 1)
+
     def score(self, history: Any, candidates: Any) -> np.ndarray:
         """``(M,)`` scores of candidate ids (``-1`` pads score 0) for one history (item ids, oldest first)."""
         self._check()
@@ -107,13 +113,12 @@ class Covisitation:
         out = np.zeros(candidates.size, dtype=np.float64)
         if history.size == 0 or candidates.size == 0:
             return out
-        recent = self.items.rows(history, missing="ignore")[::-1]
-        recent = recent[recent >= 0][: self.config.recent]
+        rows = self.items.rows(history, missing="ignore")
+        recent, weights = self._voters(rows[rows >= 0])
         cols = self.items.rows(candidates, missing="ignore")
         known = cols >= 0
         if recent.size == 0 or not known.any():
             return out
-        weights = 1.0 / np.arange(1, recent.size + 1)
         block = self.counts[recent][:, cols[known]].toarray()
         out[known] = np.log1p(weights @ block)
         return out
@@ -124,9 +129,9 @@ class Covisitation:
         self._check()
         indptr, cols, weights = [0], [], []
         for rows in histories:
-            recent = np.asarray(rows, dtype=np.int64)[::-1][: self.config.recent]
+            recent, weight = self._voters(rows)
             cols.append(recent)
-            weights.append(1.0 / np.arange(1, recent.size + 1))
+            weights.append(weight)
             indptr.append(indptr[-1] + recent.size)
         empty = [np.empty(0)]
         query = sp.csr_matrix((np.concatenate(weights + empty), np.concatenate(cols + empty).astype(np.int64), indptr),
