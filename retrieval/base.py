@@ -449,8 +449,7 @@ class EmbeddingRetriever(Retriever):
 
         folder = Path(folder)
         manifest = read_retriever_manifest(folder, cls.name)
-        config = cls.config_class().from_dict(manifest["config"])
-        model = cls(config)
+        model = cls(cls._saved_config(manifest["config"]))
         model.users = IdVocab.from_json_dict(manifest["users"])
         model.items = IdVocab.from_json_dict(manifest["items"])
         tensors = load_file(str(folder / TENSORS_FILE))
@@ -482,3 +481,9 @@ class EmbeddingRetriever(Retriever):
     @classmethod
     def config_class(cls) -> type:
         return cls.config_type
+
+    @classmethod
+    def _saved_config(cls, values: dict[str, Any]) -> Any:
+        """The config of a saved model from its manifest (a subclass fills fields older folders lack with
+        the value they were trained under, not today's default)."""
+        return cls.config_class().from_dict(values)

@@ -8,6 +8,11 @@ The loop shuffles windows with a seeded generator, runs the towers and the loss,
 every ``eval_every`` epochs calls an ``evaluate`` callback (validation NDCG@10) with the towers in eval
 mode. It stops after ``patience`` evaluations without improvement and restores the best weights. It uses
 a GPU when ``device="auto"`` finds one, and records wall time and throughput.
+
+With ``ema_epochs > 0`` it also keeps an exponential moving average of the weights, updated after every
+step (``torch.optim.swa_utils.AveragedModel``), over a horizon of about ``ema_epochs`` epochs
+(:func:`ema_decay`). Validation, early stopping and the weights it keeps are the average's; training goes
+on from the raw weights, so the average never changes the training trajectory.
 """
 
 from __future__ import annotations
@@ -117,6 +122,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def ema_decay(ema_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay of a weight average whose horizon (``1 / (1 - decay)`` steps) is ``ema_epochs``
+    epochs of ``steps_per_epoch`` steps; 0 (no average) when that horizon is at most one step."""
+    horizon = float(ema_epochs) * int(steps_per_epoch)
+    return 1.0 - 1.0 / horizon if horizon > 1 else 0.0
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) generators."""
     random.seed(seed)
@@ -181,7 +193,7 @@ class Trainer:
         loss: maps ``(queries, target_rows, item_vectors)`` to a scalar.
         item_inputs: the catalogue's item tower inputs.
         config: any object with ``batch_size``, ``learning_rate``, ``lr_schedule``, ``weight_decay``,
-            ``grad_clip``, ``max_epochs``, ``patience``, ``eval_every``, ``seed``, ``device`` and ``progress``
+            ``grad_clip``, ``ema_epochs`` (optional), ``max_epochs``, ``patience``, ``eval_every``, ``seed``, ``device`` and ``progress``
             (a :class:`~retrieval.two_tower.TwoTowerConfig`).
     """
 
@@ -225,6 +237,12 @@ class Trainer:
         n_events = int((targets >= 0).sum())
         order_gen = torch.Generator().manual_seed(c.seed)
         record = TrainingLog(device=str(self.device))
+        ema = None
+        decay = ema_decay(getattr(c, "ema_epochs", 0.0), -(-n_windows // c.batch_size))
+        if decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(modules, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         best_state = copy.deepcopy(modules.state_dict())
         bad_evals = 0
         started = time.perf_counter()
@@ -241,6 +259,8 @@ class Trainer:
                 if c.grad_clip > 0:
                     nn.utils.clip_grad_norm_(modules.parameters(), c.grad_clip)
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(modules)
                 if schedule is not None:
                     schedule.step()
                 total += float(loss.detach())
@@ -254,6 +274,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean_loss:.3f}")
                 continue
             modules.eval()
+            training_state = None
+            if ema is not None:  # evaluate (and keep) the average; training goes on from its own weights
+                training_state = copy.deepcopy(modules.state_dict())
+                modules.load_state_dict(ema.module.state_dict())
             with torch.no_grad():
                 metric = float(evaluate())
             record.history.append({"epoch": epoch, "loss": round(mean_loss, 5), "metric": round(metric, 6),
@@ -265,9 +289,11 @@ class Trainer:
                 best_state = copy.deepcopy(modules.state_dict())
             else:
                 bad_evals += 1
-                if bad_evals >= c.patience:
-                    record.stopped_early = True
-                    break
+            if training_state is not None:
+                modules.load_state_dict(training_state)
+            if bad_evals >= c.patience:
+                record.stopped_early = True
+                break
         bar.close()
         modules.load_state_dict(best_state)
         modules.eval()
@@ -282,6 +308,7 @@ __all__ = [
     "ItemInputs",
     "Trainer",
     "TrainingLog",
+    "ema_decay",
     "item_vectors",
     "pad_right",
     "resolve_device",

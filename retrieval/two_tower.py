@@ -1,7 +1,8 @@
 """The two-tower retriever: a sequence-aware query tower and a content-aware item tower, served from FAISS.
 
 Training (:meth:`TwoTowerRetriever.fit`) learns both towers with next-item sampled softmax and early
-stopping on validation NDCG@10 (:mod:`retrieval.trainer`); the item vectors then go into the FAISS index.
+stopping on validation NDCG@10, serving a moving average of the weights (:mod:`retrieval.trainer`); the
+item vectors then go into the FAISS index.
 At request time the query tower encodes the user's current history (the last ``max_len`` items), so a
 new interaction changes the recommendations at once (:meth:`set_history`, :meth:`retrieve_history`), with
 no retraining. Users with no history get the popularity fallback. New items are embedded from their
@@ -109,6 +110,10 @@ class TwoTowerConfig(JsonConfig):
         lr_schedule: ``"constant"`` or ``"cosine"`` (per-step cosine decay to 0 at ``max_epochs``).
         weight_decay: AdamW weight decay.
         grad_clip: gradient-norm clip; 0 disables.
+        ema_epochs: horizon, in epochs, of an exponential moving average of the weights (updated every
+            step; ``torch.optim.swa_utils``): validation, early stopping and the served model use the
+            average, and training goes on from the raw weights. 0 disables it (the trained weights are
+            served). A model saved before this field existed was trained without it and loads with 0.
         max_epochs: most training epochs.
         patience: evaluations without a better validation NDCG@10 before stopping.
         eval_every: epochs between validation evaluations.
@@ -144,6 +149,7 @@ class TwoTowerConfig(JsonConfig):
     lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     grad_clip: float = 5.0
+    ema_epochs: float = 1.0
     max_epochs: int = 30
     patience: int = 4
     eval_every: int = 2
@@ -159,6 +165,9 @@ class TwoTowerConfig(JsonConfig):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                     f"TwoTowerConfig.{name} must be an integer >= 1, got {value!r}")
+        require(isinstance(self.ema_epochs, (int, float)) and not isinstance(self.ema_epochs, bool)
+                and self.ema_epochs >= 0, f"TwoTowerConfig.ema_epochs must be a number >= 0 (0 disables the "
+                f"weight average), got {self.ema_epochs!r}")
         require(self.dim % self.n_heads == 0,
                 f"TwoTowerConfig.n_heads={self.n_heads} must divide dim={self.dim}")
         require(0 <= self.dropout < 1 and 0 <= self.id_dropout <= 1,
@@ -479,6 +488,11 @@ class TwoTowerRetriever(EmbeddingRetriever):
         return self
 
     # ---- persistence ----------------------------------------------------------------------------
+    @classmethod
+    def _saved_config(cls, values: dict[str, Any]) -> TwoTowerConfig:
+        """A folder saved before ``ema_epochs`` existed was trained without the weight average."""
+        return super()._saved_config({"ema_epochs": 0.0, **values})
+
     def _extra_tensors(self) -> dict[str, np.ndarray]:
         lengths = np.array([s.size for s in self._sequences], dtype=np.int64)
         flat = np.concatenate(self._sequences + [np.empty(0, np.int64)]).astype(np.int64)

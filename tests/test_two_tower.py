@@ -327,3 +327,57 @@ def test_fit_without_validation_holds_out_the_last_events_then_serves_all_of_the
     assert model.training_log.epochs >= 2 and model.training_log.best_metric > 0
     report = evaluate_retriever(model, split, "test", ks=(10,), n_boot=0)  # no set_history needed
     assert report.means["Recall@10"] > 0
+
+
+# --------------------------------------------------------------------------------------------- weight average
+def test_served_weights_are_the_moving_average_of_an_unchanged_trajectory(split):
+    """With ``ema_epochs`` the kept weights are the exponential moving average (torch's EMA: the first step
+    copied, then ``decay * avg + (1 - decay) * w``) of the per-step weights up to the best epoch, and the
+    average never feeds back into training: the epoch losses equal those of the run without it."""
+    from retrieval.trainer import ema_decay
+
+    config = {**FAST, "max_epochs": 3, "eval_every": 1, "patience": 10}
+    steps: list[list[torch.Tensor]] = []
+
+    def record(optimizer, args, kwargs):
+        steps.append([p.detach().clone() for group in optimizer.param_groups for p in group["params"]])
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        averaged = TwoTowerRetriever(TwoTowerConfig(**config, ema_epochs=1.0)).fit(
+            split.history("val"), items=split.items, validation=split)
+    finally:
+        handle.remove()
+    plain = TwoTowerRetriever(TwoTowerConfig(**config, ema_epochs=0.0)).fit(
+        split.history("val"), items=split.items, validation=split)
+
+    log = averaged.training_log
+    assert log.epochs == 3 and len(steps) % 3 == 0
+    per_epoch = len(steps) // 3
+    decay = ema_decay(1.0, per_epoch)
+    assert 0 < decay < 1
+    expected = [w.clone() for w in steps[0]]
+    for weights in steps[1:log.best_epoch * per_epoch]:
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+    served = list(torch.nn.ModuleDict({"query": averaged.query_tower, "item": averaged.item_tower}).parameters())
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-5)
+    raw = steps[log.best_epoch * per_epoch - 1]
+    assert any(not torch.allclose(got.detach(), w) for got, w in zip(served, raw))  # not the raw weights
+    assert [h["loss"] for h in log.history] == [h["loss"] for h in plain.training_log.history]
+
+
+def test_a_folder_saved_before_the_weight_average_loads_as_trained_without_it(retriever, tmp_path):
+    import json
+
+    folder = retriever.save(tmp_path / "tt")
+    assert retriever.config.ema_epochs == 1.0 and load_retriever(folder).config.ema_epochs == 1.0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["config"]["ema_epochs"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert load_retriever(folder).config.ema_epochs == 0.0
+    with pytest.raises(ConfigError, match="ema_epochs"):
+        TwoTowerConfig(ema_epochs=-1)
