@@ -123,20 +123,34 @@ class Covisitation:
         out[known] = np.log1p(weights @ block)
         return out
 
-    def score_catalogue(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """``(n, n_items)`` float64: :meth:`score` of every catalogue item, for histories given as catalogue
-        ROWS (oldest first, no unknown ids): one sparse product for the whole batch."""
+    def score_rows(self, histories: Sequence[np.ndarray]) -> sp.csr_matrix:
+        """``(n, n_items)`` sparse float64: :meth:`score` of every catalogue item for histories given as
+        catalogue ROWS (oldest first, no unknown ids). Only the items some recent item points at are stored
+        (their scores are > 0; every other item scores 0), summed from the voters' rows of the counts in
+        voter order, so a history costs the size of those rows, not of the catalogue."""
         self._check()
-        indptr, cols, weights = [0], [], []
+        counts = self.counts
+        indptr, cols, scores = [0], [], []
         for rows in histories:
-            recent, weight = self._voters(rows)
-            cols.append(recent)
-            weights.append(weight)
-            indptr.append(indptr[-1] + recent.size)
+            recent, weights = self._voters(rows)
+            starts, ends = counts.indptr[recent], counts.indptr[recent + 1]
+            lengths = ends - starts
+            if lengths.sum() == 0:
+                indptr.append(indptr[-1])
+                continue
+            at = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+            votes = counts.data[at].astype(np.float64) * np.repeat(weights, lengths)
+            items, where = np.unique(counts.indices[at], return_inverse=True)
+            cols.append(items)
+            scores.append(np.log1p(np.bincount(where, weights=votes, minlength=items.size)))
+            indptr.append(indptr[-1] + items.size)
         empty = [np.empty(0)]
-        query = sp.csr_matrix((np.concatenate(weights + empty), np.concatenate(cols + empty).astype(np.int64), indptr),
-                              shape=(len(histories), len(self.items)))
-        return np.log1p((query @ self.counts).toarray().astype(np.float64))
+        return sp.csr_matrix((np.concatenate(scores + empty), np.concatenate(cols + empty).astype(np.int64), indptr),
+                             shape=(len(histories), len(self.items)))
+
+    def score_catalogue(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """``(n, n_items)`` float64: :meth:`score_rows` as a dense array (cost grows with the catalogue)."""
+        return self.score_rows(histories).toarray()
 
     def score_lists(self, histories: Sequence[Any], candidates: np.ndarray) -> np.ndarray:
         """``(n, M)`` scores: row ``i`` is :meth:`score` of ``histories[i]`` and ``candidates[i]``."""

@@ -6,8 +6,9 @@ sequences in which ``b`` came at most ``window`` events after ``a``). Items no r
 0 and follow in popularity order, so every list is full; a user with no history gets the popularity
 fallback itself (scores are training-event counts, as in every retriever).
 
-It has no vector index: scoring is an exact sparse product over the catalogue (:meth:`reindex` keeps it
-exact), which is cheap at MovieLens sizes and grows with the catalogue. It learns no embedding, so it
+It has no vector index: scoring is an exact sparse product (:meth:`reindex` keeps it exact) that touches
+only the items the recent items point at, then the popularity order fills the list, so a request's cost
+grows with those neighbours and with ``k``, not with the catalogue. It learns no embedding, so it
 gives no item similarity for explanations (:meth:`item_embeddings` is ``None``).
 
 On ml-latest-small this count, alone, is the strongest single retriever (see the README's retrieval
@@ -42,8 +43,8 @@ from retrieval.index import as_id_array
 
 log = logging.getLogger(__name__)
 
-#: dense score cells computed at once when a batch of users is scored (rows x catalogue)
-_CHUNK_CELLS = 4_000_000
+#: users scored by one sparse product when a batch is retrieved
+_CHUNK_USERS = 1024
 
 
 class CovisitRetriever(Retriever):
@@ -62,6 +63,7 @@ class CovisitRetriever(Retriever):
         self.popularity: np.ndarray | None = None
         self._sequences: list[np.ndarray] = []
         self._fingerprint = ""
+        self._by_popularity: np.ndarray | None = None
 
     # ---- learning -------------------------------------------------------------------------------
     def fit(self, data: Interactions, *, items: IdVocab | None = None, validation: Split | None = None
@@ -76,6 +78,7 @@ class CovisitRetriever(Retriever):
         known = data.frame[data.frame[ITEM].isin(self.items.ids)]
         self.popularity = np.asarray(to_csr(known, self.users, self.items).sum(axis=0),
                                      dtype=np.float32).ravel()
+        self._by_popularity = None
         self._sequences = sequences(known, self.users, self.items)
         self._fingerprint = data.fingerprint()
         return self
@@ -120,32 +123,53 @@ class CovisitRetriever(Retriever):
             raise UnknownIdError(f"covisit: allow lists ids outside the catalogue ({exc}); filter the allow "
                                  "list with [i for i in allow if i in retriever.items]") from exc
 
-    def _top(self, scores: np.ndarray, k: int, banned: np.ndarray, allowed: np.ndarray | None
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` of one score row (ties: more popular first, then catalogue order), padded."""
-        s = scores.copy()
-        s[banned] = -np.inf
+    def _popular_order(self) -> np.ndarray:
+        """Every catalogue row, most popular first (ties: catalogue order), computed once per fit/load."""
+        if self._by_popularity is None:
+            self._by_popularity = np.lexsort((np.arange(self.popularity.size), -self.popularity))
+        return self._by_popularity
+
+    def _fill(self, n: int, exclude: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+        """The ``n`` most popular rows outside ``exclude`` (sorted, unique), within ``allowed`` if given;
+        fewer when the catalogue runs out. Reads ``n + len(exclude)`` rows of the popularity order at most."""
         if allowed is not None:
-            keep = np.full(s.size, -np.inf)
-            keep[allowed] = s[allowed]
-            s = keep
-        finite = np.isfinite(s)
-        if k < int(finite.sum()):
-            kth = np.partition(s, s.size - k)[s.size - k]
-            candidates = np.flatnonzero(finite & (s >= kth))
+            pool = allowed[np.lexsort((allowed, -self.popularity[allowed]))]
         else:
-            candidates = np.flatnonzero(finite)
-        order = np.lexsort((candidates, -self.popularity[candidates], -s[candidates]))[:k]
-        chosen = candidates[order]
+            pool = self._popular_order()[: n + exclude.size]
+        return pool[~np.isin(pool, exclude, assume_unique=True)][:n]
+
+    def _top(self, cols: np.ndarray, scores: np.ndarray, k: int, banned: np.ndarray,
+             allowed: np.ndarray | None, fill_score: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of the items ``cols`` scoring ``scores`` (> 0; every other item scores 0), ties broken
+        by popularity, then catalogue order; the zero-scored rest follows in popularity order (scored
+        ``fill_score[row]``, else 0) until ``k``, then ``-1``/``-inf`` pads. Cost grows with ``cols``, not
+        with the catalogue."""
+        keep = ~np.isin(cols, banned)
+        if allowed is not None:
+            keep &= np.isin(cols, allowed)
+        cols, scores = cols[keep], scores[keep]
+        if cols.size > k:
+            kth = np.partition(scores, cols.size - k)[cols.size - k]
+            tied = scores >= kth
+            cols, scores = cols[tied], scores[tied]
+        order = np.lexsort((cols, -self.popularity[cols], -scores))[:k]
+        chosen, chosen_scores = cols[order], scores[order]
+        if chosen.size < k:
+            rest = self._fill(k - chosen.size, np.union1d(banned, chosen), allowed)
+            chosen = np.concatenate([chosen, rest])
+            chosen_scores = np.concatenate([chosen_scores, fill_score[rest] if fill_score is not None
+                                            else np.zeros(rest.size)])
         ids = np.full(k, -1, dtype=np.int64)
         out = np.full(k, -np.inf, dtype=np.float32)
         ids[:chosen.size] = self.items.external(chosen)
-        out[:chosen.size] = s[chosen]
+        out[:chosen.size] = chosen_scores
         return ids, out
 
     def _popular_row(self, k: int, banned: np.ndarray, allowed: np.ndarray | None
                      ) -> tuple[np.ndarray, np.ndarray]:
-        return self._top(self.popularity.astype(np.float64), k, banned, allowed)
+        """The cold-start answer: popular items, scored by their training-event counts."""
+        empty = np.empty(0, dtype=np.int64)
+        return self._top(empty, np.empty(0), k, banned, allowed, fill_score=self.popularity)
 
     # ---- serving --------------------------------------------------------------------------------
     def retrieve(self, user_ids, k, *, exclude_seen=True, allow=None, deny=None):
@@ -158,13 +182,13 @@ class CovisitRetriever(Retriever):
         out_scores = np.full((ids.size, k), -np.inf, dtype=np.float32)
         histories = [self._sequences[r] if r >= 0 else np.empty(0, np.int64) for r in rows]
         warm = np.flatnonzero([h.size > 0 for h in histories])
-        chunk = max(1, _CHUNK_CELLS // max(len(self.items), 1))
-        for start in range(0, warm.size, chunk):
-            part = warm[start:start + chunk]
-            scores = self.covisit.score_catalogue([histories[i] for i in part])
-            for row, i in zip(scores, part):
+        for start in range(0, warm.size, _CHUNK_USERS):
+            part = warm[start:start + _CHUNK_USERS]
+            scores = self.covisit.score_rows([histories[i] for i in part])
+            for j, i in enumerate(part):
+                got = slice(scores.indptr[j], scores.indptr[j + 1])
                 banned = self._banned(histories[i] if exclude_seen else None, deny)
-                out_ids[i], out_scores[i] = self._top(row, k, banned, allowed)
+                out_ids[i], out_scores[i] = self._top(scores.indices[got], scores.data[got], k, banned, allowed)
         for i in np.setdiff1d(np.arange(ids.size), warm):  # unknown users, or known with no events now
             banned = self._banned(histories[i] if exclude_seen else None, deny)
             out_ids[i], out_scores[i] = self._popular_row(k, banned, allowed)
@@ -181,7 +205,8 @@ class CovisitRetriever(Retriever):
         banned = self._banned(rows if exclude_seen else None, deny)
         if rows.size == 0:
             return self._popular_row(k, banned, self._allowed(allow))
-        return self._top(self.covisit.score_catalogue([rows])[0], k, banned, self._allowed(allow))
+        scores = self.covisit.score_rows([rows])
+        return self._top(scores.indices, scores.data, k, banned, self._allowed(allow))
 
     def popular_items(self, k, *, exclude=None, allow=None, deny=None):
         self._check_fitted("popular_items")

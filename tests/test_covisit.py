@@ -166,3 +166,62 @@ def test_the_covisit_retriever_explains_by_what_came_before():
     # though others also took 3 right after 4
     assert Explainer.from_retriever(retriever).because(np.array([3]), np.array([4, 2, 1]), top_n=2,
                                                        recent=50) == [[2]]
+
+
+def _dense_top(retriever, history_rows, k, banned, allowed):
+    """The definition the retriever's sparse path must match: every catalogue item scored (0 when nothing
+    points at it; popularity counts for an empty history), banned or not-allowed items dropped, sorted by
+    score, then popularity, then catalogue row; padded with -1 / -inf."""
+    n = len(retriever.items)
+    if history_rows.size:
+        scores = retriever.covisit.score_catalogue([history_rows])[0]
+    else:
+        scores = retriever.popularity.astype(np.float64)
+    keep = np.ones(n, dtype=bool)
+    keep[banned] = False
+    if allowed is not None:
+        keep &= np.isin(np.arange(n), allowed)
+    rows = np.flatnonzero(keep)
+    rows = rows[np.lexsort((rows, -retriever.popularity[rows], -scores[rows]))][:k]
+    ids = np.full(k, -1, dtype=np.int64)
+    out = np.full(k, -np.inf, dtype=np.float32)
+    ids[:rows.size] = retriever.items.external(rows)
+    out[:rows.size] = scores[rows]
+    return ids, out
+
+
+def test_the_covisit_retriever_scores_only_the_neighbours_yet_ranks_as_the_whole_catalogue():
+    """The sparse path (neighbours of the recent items, then the popularity order) gives exactly the list of
+    scoring all items, with and without exclusion, deny and allow lists, for short and longer-than-catalogue
+    lists, and for empty histories; batch ``retrieve`` equals it user by user."""
+    from data.synthetic import SyntheticConfig, generate
+    from retrieval.covisit_retriever import CovisitRetriever
+
+    data = generate(SyntheticConfig(n_users=120, n_items=150, n_clusters=6, mean_history=12, seed=3), progress=False)
+    retriever = CovisitRetriever(CovisitConfig(window=2, recent=3)).fit(data)
+    rng = np.random.default_rng(0)
+    item_ids = retriever.items.ids
+    users = retriever.users.ids[:40]
+    checked = 0
+    for user in users:
+        history = retriever.stored_history(int(user))
+        for k in (1, 10, 200):
+            for exclude_seen in (True, False):
+                deny = rng.choice(item_ids, size=5, replace=False)
+                allow = rng.choice(item_ids, size=60, replace=False) if rng.random() < 0.5 else None
+                for given in (history, history[:0]):
+                    rows = retriever.items.rows(given)
+                    banned = np.unique(np.concatenate([rows if exclude_seen else rows[:0],
+                                                       retriever.items.rows(deny)]))
+                    allowed = None if allow is None else np.unique(retriever.items.rows(allow))
+                    want = _dense_top(retriever, rows, k, banned, allowed)
+                    got = retriever.retrieve_history(given, k, exclude_seen=exclude_seen, allow=allow, deny=deny)
+                    np.testing.assert_array_equal(got[0], want[0])
+                    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+                    checked += 1
+    batch_ids, batch_scores = retriever.retrieve(users, 30)
+    for row, user in enumerate(users):
+        ids, scores = retriever.retrieve_history(retriever.stored_history(int(user)), 30)
+        np.testing.assert_array_equal(batch_ids[row], ids)
+        np.testing.assert_allclose(batch_scores[row], scores, rtol=1e-6)
+    assert checked == 40 * 3 * 2 * 2
