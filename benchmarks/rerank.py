@@ -94,6 +94,7 @@ def load_stage(protocol: str, raw: Any, folder: Path, threads: int) -> dict[str,
         STUDENT_DIR,
         TEACHER_DIR,
         SecondStageConfig,
+        learned_from,
         served_ranker,
         train_second_stage,
     )
@@ -109,7 +110,8 @@ def load_stage(protocol: str, raw: Any, folder: Path, threads: int) -> dict[str,
         if not (path / "manifest.json").is_file():
             return None
         ranker = ItemTokenRanker.load(path)
-        return ranker if ranker.meta.get("history_fingerprint") == fingerprint else None
+        same = ranker.meta.get("history_fingerprint") == fingerprint and learned_from(ranker, retriever, path)
+        return ranker if same else None
 
     teacher, student = fresh(root / TEACHER_DIR), fresh(root / STUDENT_DIR)
     if teacher is None or student is None:

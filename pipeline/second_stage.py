@@ -116,7 +116,38 @@ class SecondStageResult:
     served: dict[str, Any] | None = None
 
 
-def _matches(folder: Path, split: Any, config: SecondStageConfig) -> Any:
+#: config fields that change speed, not what a retriever returns
+_SPEED_FIELDS = ("threads", "progress", "device")
+
+
+def candidate_identity(retriever: Any) -> dict[str, Any]:
+    """What a ranker records of the retriever whose candidates it learned from (``meta["candidates"]``):
+    its name, its config less the speed fields, and the history it was fitted on."""
+    config = getattr(retriever, "config", None)
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    return {"name": getattr(retriever, "name", type(retriever).__name__),
+            "config": {k: v for k, v in settings.items() if k not in _SPEED_FIELDS},
+            "history_fingerprint": getattr(retriever, "history_fingerprint", "")}
+
+
+def learned_from(ranker: Any, retriever: Any, where: Any = "") -> bool:
+    """Whether ``ranker`` learned from ``retriever``'s candidates: ``False`` when its recorded candidate
+    retriever differs (another config or history: retrain it); a ranker saved before the record existed
+    passes with a warning, since nothing says which retriever it learned from."""
+    recorded = ranker.meta.get("candidates")
+    if recorded is None:
+        log.warning("%s does not record the retriever it learned from (saved before that record existed); "
+                    "if the candidate retriever changed since, retrain it (python -m pipeline.second_stage "
+                    "--retrain)", where)
+        return True
+    same = json.loads(json.dumps(recorded)) == json.loads(json.dumps(candidate_identity(retriever), default=str))
+    if not same:
+        log.warning("%s learned from other candidates than %s's (config or history differ); retraining",
+                    where, getattr(retriever, "name", "the retriever"))
+    return same
+
+
+def _matches(folder: Path, split: Any, config: SecondStageConfig, candidates: Any) -> Any:
     from ranking.item_ranker import ItemTokenRanker
 
     if not (folder / "manifest.json").is_file():
@@ -126,15 +157,14 @@ def _matches(folder: Path, split: Any, config: SecondStageConfig) -> Any:
     except ArtifactError as exc:
         log.warning("cannot load %s (%s); retraining", folder, exc)
         return None
-    speed = ("threads", "progress", "device")
     try:
         saved = ItemTrainerConfig.from_dict(ranker.meta.get("trainer") or {}).to_dict()
     except ConfigError:
         return None
-    saved = {k: v for k, v in saved.items() if k not in speed}
-    wanted = {k: v for k, v in config.trainer.to_dict().items() if k not in speed}
+    saved = {k: v for k, v in saved.items() if k not in _SPEED_FIELDS}
+    wanted = {k: v for k, v in config.trainer.to_dict().items() if k not in _SPEED_FIELDS}
     same = (ranker.meta.get("history_fingerprint") == split.history("val").fingerprint()
-            and ranker.config == config.model and saved == wanted)
+            and ranker.config == config.model and saved == wanted and learned_from(ranker, candidates, folder))
     return ranker if same else None
 
 
@@ -154,13 +184,14 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
     started = time.perf_counter()
     serving = serving if serving is not None else candidates
     trainer = dataclasses.replace(config.trainer, progress=config.trainer.progress and progress)
-    teacher = None if config.retrain else _matches(folder / TEACHER_DIR, split, config)
+    teacher = None if config.retrain else _matches(folder / TEACHER_DIR, split, config, candidates)
     if teacher is None:
         teacher = ItemTokenRanker.build(item_table, split.items, config.model,
                                         item_vectors=candidates.item_embeddings(), seed=trainer.seed)
         record = train_item_ranker(teacher, split, candidates, trainer)
         log.info("teacher: %s", {k: v for k, v in record.to_dict().items() if k != "history"})
         teacher.meta["retriever"] = getattr(candidates, "name", config.retriever)
+        teacher.meta["candidates"] = candidate_identity(candidates)
     else:
         log.info("teacher loaded from %s", folder / TEACHER_DIR)
     fit_hybrid_head(teacher, serving, split, config.hybrid_ms, covisit=config.covisit or False, served=served)
@@ -177,6 +208,8 @@ def fit_stage(split: Any, item_table: Any, candidates: Any, folder: Path, config
                                               ffn_width=student_width(teacher, config.student_ffn))
         fit_hybrid_head(student, serving, split, config.hybrid_ms, covisit=config.covisit or False, served=served)
         student.meta["retriever"] = teacher.meta.get("retriever")
+        if "candidates" in teacher.meta:
+            student.meta["candidates"] = teacher.meta["candidates"]
         student.meta["serving_retriever"] = teacher.meta["serving_retriever"]
         student.save(folder / STUDENT_DIR)
         student_out = {"folder": str(folder / STUDENT_DIR), "training": record.to_dict(),

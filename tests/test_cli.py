@@ -116,6 +116,7 @@ def test_train_ranker_writes_teacher_and_student_beside_the_artifact(trained, wi
     # the default student keeps the teacher's 2 layers; its FFN (128 by default) cannot be wider than the teacher's 32
     assert student.config.layers == 2 and student.config.ffn == 32 == teacher.config.ffn
     assert teacher.meta["serving_retriever"] == "als"
+    assert teacher.meta["candidates"]["name"] == "als" and student.meta["candidates"] == teacher.meta["candidates"]
     served = json.loads((folder / "served.json").read_text())
     assert served["served"] in ("item-teacher", "item-student") and with_ranker.served == served
     from pipeline.evaluate import resolve_ranker
@@ -196,3 +197,26 @@ def test_second_stage_config_round_trips_and_validates():
     # an unknown loss is refused by the flag parser (exit 2, naming the choices)
     with pytest.raises(SystemExit):
         main(["--retriever-loss", "hinge"])
+
+
+def test_a_ranker_is_reused_only_with_the_candidates_it_learned_from(caplog):
+    """The teacher records its candidate retriever (name, config less speed fields, history); a saved one
+    is reused only with the same retriever, and one saved before the record passes with a warning."""
+    from types import SimpleNamespace
+
+    from pipeline.second_stage import candidate_identity, learned_from
+    from retrieval.two_tower import TwoTowerConfig
+
+    def retriever(**change):
+        return SimpleNamespace(name="two_tower", config=TwoTowerConfig(**change), history_fingerprint="h1")
+
+    ranker = SimpleNamespace(meta={"candidates": json.loads(json.dumps(candidate_identity(retriever())))})
+    assert learned_from(ranker, retriever())
+    assert learned_from(ranker, retriever(threads=4, progress=False))  # speed only
+    assert not learned_from(ranker, retriever(ema_epochs=0.0))  # another two-tower
+    other_history = retriever()
+    other_history.history_fingerprint = "h2"
+    assert not learned_from(ranker, other_history)
+    with caplog.at_level("WARNING"):
+        assert learned_from(SimpleNamespace(meta={}), retriever(), "old-folder")
+    assert "old-folder" in caplog.text and "--retrain" in caplog.text
