@@ -116,17 +116,14 @@ class SecondStageResult:
     served: dict[str, Any] | None = None
 
 
-#: config fields that change speed, not what a retriever returns
-_SPEED_FIELDS = ("threads", "progress", "device")
-
-
 def candidate_identity(retriever: Any) -> dict[str, Any]:
     """What a ranker records of the retriever whose candidates it learned from (``meta["candidates"]``):
     its name, its config less the speed fields, and the history it was fitted on."""
+    from retrieval.fitting import config_settings
+
     config = getattr(retriever, "config", None)
-    settings = config.to_dict() if hasattr(config, "to_dict") else {}
     return {"name": getattr(retriever, "name", type(retriever).__name__),
-            "config": {k: v for k, v in settings.items() if k not in _SPEED_FIELDS},
+            "config": config_settings(config) if hasattr(config, "to_dict") else {},
             "history_fingerprint": getattr(retriever, "history_fingerprint", "")}
 
 
@@ -157,12 +154,13 @@ def _matches(folder: Path, split: Any, config: SecondStageConfig, candidates: An
     except ArtifactError as exc:
         log.warning("cannot load %s (%s); retraining", folder, exc)
         return None
+    from retrieval.fitting import config_settings
+
     try:
-        saved = ItemTrainerConfig.from_dict(ranker.meta.get("trainer") or {}).to_dict()
+        saved = config_settings(ItemTrainerConfig.from_dict(ranker.meta.get("trainer") or {}))
     except ConfigError:
         return None
-    saved = {k: v for k, v in saved.items() if k not in _SPEED_FIELDS}
-    wanted = {k: v for k, v in config.trainer.to_dict().items() if k not in _SPEED_FIELDS}
+    wanted = config_settings(config.trainer)
     same = (ranker.meta.get("history_fingerprint") == split.history("val").fingerprint()
             and ranker.config == config.model and saved == wanted and learned_from(ranker, candidates, folder))
     return ranker if same else None

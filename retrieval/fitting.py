@@ -193,9 +193,14 @@ def _fit_composite(s: RetrieverSpec, split: Split, stage: str, configs: Mapping[
     return Fitted(model=model, config=model.config, tuning=tuning, components=components)
 
 
-def _settings(config: Any) -> dict[str, Any]:
-    """A config's fields less the speed-only ones (threads, device, progress bars)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("threads", "device", "progress")}
+#: config fields that change speed, not what a model learns or returns
+SPEED_FIELDS = ("threads", "device", "progress")
+
+
+def config_settings(config: Any) -> dict[str, Any]:
+    """A config's fields less the speed-only ones (:data:`SPEED_FIELDS`): what two fits must share to be the
+    same model."""
+    return {k: v for k, v in config.to_dict().items() if k not in SPEED_FIELDS}
 
 
 def _load_cached(cache: str | Path | None, split: Split, config: Any) -> Retriever | None:
@@ -208,10 +213,10 @@ def _load_cached(cache: str | Path | None, split: Split, config: Any) -> Retriev
         log.warning("cannot load %s (%s); refitting", path, exc)
         return None
     if model.history_fingerprint != split.history("val").fingerprint() or type(model.config) is not type(config) \
-            or _settings(model.config) != _settings(config):
+            or config_settings(model.config) != config_settings(config):
         log.warning("%s was fitted on other data or with another config; refitting", path)
         return None
     return model
 
 
-__all__ = ["FitOptions", "Fitted", "fit_retriever", "model_config"]
+__all__ = ["SPEED_FIELDS", "FitOptions", "Fitted", "config_settings", "fit_retriever", "model_config"]

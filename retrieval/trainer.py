@@ -193,8 +193,8 @@ class Trainer:
         loss: maps ``(queries, target_rows, item_vectors)`` to a scalar.
         item_inputs: the catalogue's item tower inputs.
         config: any object with ``batch_size``, ``learning_rate``, ``lr_schedule``, ``weight_decay``,
-            ``grad_clip``, ``ema_epochs`` (optional), ``max_epochs``, ``patience``, ``eval_every``, ``seed``, ``device`` and ``progress``
-            (a :class:`~retrieval.two_tower.TwoTowerConfig`).
+            ``grad_clip``, ``max_epochs``, ``patience``, ``eval_every``, ``seed``, ``device``, ``progress``
+            and optionally ``ema_epochs`` (a :class:`~retrieval.two_tower.TwoTowerConfig`).
     """
 
     def __init__(self, query_tower: nn.Module, item_tower: nn.Module, loss: nn.Module, item_inputs: ItemInputs,
