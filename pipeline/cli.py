@@ -104,6 +104,7 @@ def _train_ranker(args: argparse.Namespace) -> int:
                      "val NDCG@10 retrieval": training.get("retrieval_metric"),
                      "hybrid head M": head.get("m"), "hybrid head CV NDCG@10": head.get("cv_ndcg@10_blend"),
                      "head reads co-visitation": "covisit" in (head.get("weights") or {}),
+                     "best head tried": _best_head(head), "served list val NDCG@10": head.get("served_ndcg@10"),
                      "hybrid head used": head.get("use_blend"), "folder": part["folder"]})
     print("\n## Second stage: item-token reranker (validation; alone: top-50 of the artifact's retriever)\n")
     print(markdown_table(rows, list(rows[0])))
@@ -115,6 +116,17 @@ def _train_ranker(args: argparse.Namespace) -> int:
     print(f"\nTrained in {result.seconds:.0f} s (a short demo budget; the benchmark's models train for an hour: "
           "python -m pipeline.second_stage)")
     return 0
+
+
+def _best_head(report: dict) -> str:
+    """``"M=50 +covisit: 0.0977"``: the head with the best cross-validated NDCG@10 among all those tried
+    (each shortlist size, with and without co-visitation), used or not."""
+    tried = report.get("by_m") or {}
+    if not tried:
+        return ""
+    key = max(tried, key=lambda k: tried[k].get("cv_ndcg@10_blend", float("-inf")))
+    m, _, extra = key.partition("+")
+    return f"M={m}{' +' + extra if extra else ''}: {tried[key].get('cv_ndcg@10_blend', float('nan')):.4f}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:

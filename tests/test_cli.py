@@ -220,3 +220,18 @@ def test_a_ranker_is_reused_only_with_the_candidates_it_learned_from(caplog):
     with caplog.at_level("WARNING"):
         assert learned_from(SimpleNamespace(meta={}), retriever(), "old-folder")
     assert "old-folder" in caplog.text and "--retrain" in caplog.text
+
+
+def test_the_ranker_table_names_the_best_head_tried_even_when_none_is_used(with_ranker):
+    """When no head beats the served list, the head kept is a fallback; the table also names the strongest
+    one tried, so "reads co-visitation: False" does not hide that a co-visitation head was tried and lost."""
+    from pipeline.cli import _best_head
+
+    report = {"by_m": {"20": {"cv_ndcg@10_blend": 0.081}, "50": {"cv_ndcg@10_blend": 0.085},
+                       "50+covisit": {"cv_ndcg@10_blend": 0.0977}, "100+covisit": {"cv_ndcg@10_blend": 0.09}},
+              "use_blend": False}
+    assert _best_head(report) == "M=50 +covisit: 0.0977"
+    assert _best_head({}) == ""
+    real = with_ranker.teacher["hybrid_head"]["report"]
+    best = max(v["cv_ndcg@10_blend"] for v in real["by_m"].values())
+    assert _best_head(real).endswith(f": {best:.4f}")
