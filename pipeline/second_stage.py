@@ -36,6 +36,7 @@ from data.io import atomic_write_json
 from data.protocol import PROTOCOLS
 from ranking.item_config import ItemTokenConfig, ItemTrainerConfig
 from retrieval.covisit import CovisitConfig
+from retrieval.fitting import config_settings
 from retrieval.two_tower import TwoTowerConfig
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ class SecondStageResult:
 def candidate_identity(retriever: Any) -> dict[str, Any]:
     """What a ranker records of the retriever whose candidates it learned from (``meta["candidates"]``):
     its name, its config less the speed fields, and the history it was fitted on."""
-    from retrieval.fitting import config_settings
-
     config = getattr(retriever, "config", None)
     return {"name": getattr(retriever, "name", type(retriever).__name__),
             "config": config_settings(config) if hasattr(config, "to_dict") else {},
@@ -154,8 +153,6 @@ def _matches(folder: Path, split: Any, config: SecondStageConfig, candidates: An
     except ArtifactError as exc:
         log.warning("cannot load %s (%s); retraining", folder, exc)
         return None
-    from retrieval.fitting import config_settings
-
     try:
         saved = config_settings(ItemTrainerConfig.from_dict(ranker.meta.get("trainer") or {}))
     except ConfigError:
